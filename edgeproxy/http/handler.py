@@ -1,0 +1,43 @@
+"""The contract between the HTTP front ends (HTTP/1.1, HTTP/3) and the request pipeline.
+
+A front end parses and validates requests, then hands each one to `RequestHandler.handle` with a
+streamed `Body` and a `ResponseSink`. Errors the front end detects itself (malformed request
+400, 413, 431, 501 ...) never reach `handle`: the front end asks `reject` for the response, so
+counting, logging and the error page stay in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .messages import Body, RequestHead, ResponseHead, ResponseSink
+
+
+class RequestHandler(Protocol):
+    pop_id: str
+
+    def new_request_id(self) -> str:
+        """A fresh request id for a request (also for ones rejected before `handle`)."""
+        ...
+
+    async def handle(self, head: RequestHead, body: Body, sink: ResponseSink) -> None:
+        """Produce the whole response via `sink`, including the pipeline's own 502/504 errors.
+
+        May raise only on bugs.
+        """
+        ...
+
+    def reject(
+        self,
+        protocol: str,
+        status: int,
+        detail: str,
+        head: RequestHead | None,
+        client_addr: tuple[str, int],
+        request_id: str,
+    ) -> tuple[ResponseHead, bytes]:
+        """Count and log an error the front end detected itself; return the response to send.
+
+        `protocol` is "h1" or "h3"; `head` is None when the request could not be parsed.
+        """
+        ...

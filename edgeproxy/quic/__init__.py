@@ -1,0 +1,1 @@
+"""QUIC datagram path: edgeproxy's own dispatcher in front of aioquic connections."""

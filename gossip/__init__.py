@@ -1,0 +1,1 @@
+"""gossip: SWIM membership compatible with HashiCorp memberlist, and the replicated flow table."""

@@ -1,0 +1,1 @@
+"""lab: network-namespace anycast lab with real BGP, route flaps, load and a survival report."""
