@@ -28,6 +28,10 @@ class AccessLog:
         self._flush_interval = flush_interval
         self._last_flush = time.monotonic()
 
+    @property
+    def enabled(self) -> bool:
+        return self._out is not None
+
     def write(self, record: dict[str, Any]) -> None:
         if self._out is None:
             return

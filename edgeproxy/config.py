@@ -73,6 +73,13 @@ class CertificateSection:
 
 
 @dataclass
+class HTTP1Section:
+    parser: str = "httptools"
+    """HTTP/1.1 request parser: `httptools` (llhttp, fast) or `h11` (pure Python); both behind
+    h11's state machine interface and checked against each other by a differential corpus."""
+
+
+@dataclass
 class TLSSection:
     certificates: list[CertificateSection] = field(default_factory=list)
     """Certificates; the first is the default for clients that send no or an unknown SNI name. With
@@ -191,6 +198,7 @@ class Config:
     listen: ListenSection = field(default_factory=ListenSection)
     tls: TLSSection = field(default_factory=TLSSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    http1: HTTP1Section = field(default_factory=HTTP1Section)
     origin_groups: list[OriginGroupSection] = field(default_factory=list)
     cache: CacheSection = field(default_factory=CacheSection)
     admin: AdminSection = field(default_factory=AdminSection)
@@ -282,6 +290,8 @@ def validate(cfg: Config) -> None:
         _positive(f"limits.{name}", getattr(cfg.limits, name))
     if cfg.limits.max_header_bytes < 1024:
         raise ConfigError("limits.max_header_bytes", f"must be >= 1024, got {cfg.limits.max_header_bytes}")
+    if cfg.http1.parser not in ("httptools", "h11"):
+        raise ConfigError("http1.parser", f"must be 'httptools' or 'h11', got {cfg.http1.parser!r}")
     _positive("tls.reload_interval", cfg.tls.reload_interval)
     for i, cert in enumerate(cfg.tls.certificates):
         for attr in ("cert", "key"):

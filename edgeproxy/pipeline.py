@@ -37,6 +37,7 @@ from .http.messages import (
 from .http.semantics import (
     RequestIds,
     client_response_headers,
+    edge_static_headers,
     origin_request_headers,
 )
 from .metrics import Registry
@@ -46,6 +47,8 @@ log = logging.getLogger("edgeproxy.pipeline")
 
 # Idempotent request bodies up to this size are buffered so a failed attempt can be retried.
 REPLAY_BUFFER = 64 * 1024
+# Seconds a key whose response was not storable bypasses coalescing (Varnish's default).
+HIT_FOR_PASS = 120.0
 # Chunks a streaming (no longer cacheable) flight may run ahead of its slowest reader.
 FLIGHT_WINDOW = 16
 CONDITIONAL_REQUEST_HEADERS = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range")
@@ -53,6 +56,45 @@ CONDITIONAL_REQUEST_HEADERS = (b"if-none-match", b"if-modified-since", b"if-matc
 
 def protocol_of(head: RequestHead) -> str:
     return "h3" if head.http_version == "3" else head.scheme
+
+
+# Request fields that can change how a stored response is served (conditionals, ranges, request
+# cache directives, upgrades): requests without them take the memoized fast path.
+FAST_PATH_BLOCKERS = frozenset(
+    {b"cache-control", b"pragma", b"range", b"upgrade", b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+)
+
+NOT_MODIFIED_HEADERS = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified", b"age"}
+)
+
+
+def not_modified(req: RequestHead, entry: policy.CachedResponse) -> bool:
+    """The client's own validators match the stored response (RFC 9110 section 13.2.2)."""
+    if entry.status != 200:
+        return False
+    inm = header_list(req.headers, b"if-none-match")
+    if inm:
+        etag = entry.etag
+        if etag is None:
+            return False
+        weak = etag.removeprefix(b"W/")
+        return any(t == b"*" or t.removeprefix(b"W/") == weak for t in inm)
+    ims = header_get(req.headers, b"if-modified-since")
+    if ims is not None and entry.last_modified is not None:
+        since = policy.parse_http_date(ims)
+        modified = policy.parse_http_date(entry.last_modified)
+        return since is not None and modified is not None and modified <= since
+    return False
+
+
+def stored_response(req: RequestHead, entry: policy.CachedResponse, now: float) -> tuple[ResponseHead, bytes]:
+    """What a stored entry answers to `req`: the entry itself, or a 304 when the client's
+    validators match; no body for HEAD."""
+    headers = policy.response_headers(entry, now)
+    if not_modified(req, entry):
+        return ResponseHead(304, [(k, v) for k, v in headers if k in NOT_MODIFIED_HEADERS]), b""
+    return ResponseHead(entry.status, headers), b"" if req.method == b"HEAD" else entry.body
 
 
 def _wants_upgrade(head: RequestHead) -> bool:
@@ -174,6 +216,8 @@ class Pipeline:
             MemoryStore(config.cache.max_bytes, config.cache.max_object_bytes) if config.cache.enabled else None
         )
         self._flights: dict[bytes, _Flight] = {}
+        self._host_groups: dict[bytes, OriginGroup] = {}  # authority -> group, memoized
+        self._passes: dict[bytes, float] = {}  # key -> until when it is passed (hit-for-pass)
         self._background: set[asyncio.Task[None]] = set()
         self._reader_ids = 0
         self.alt_svc = b""  # set by the PoP once its QUIC listener is bound
@@ -202,6 +246,51 @@ class Pipeline:
         self._log(protocol, head, client_addr, request_id, status, 0, 0.0, b"", "", detail)
         rhead, body = error_response(status, detail, pop_id=self.pop_id, request_id=request_id, close=True)
         rhead.headers = client_response_headers(rhead.headers, pop_id=self.pop_id, request_id=request_id, http_version="1.1")
+        return rhead, body
+
+    def respond_fresh(self, head: RequestHead) -> tuple[ResponseHead, bytes] | None:
+        """The synchronous fast path: a fresh cache hit answered without a task (counted and
+        logged here). None means the request needs `handle`."""
+        cache = self.cache
+        if cache is None or head.method not in (b"GET", b"HEAD"):
+            return None
+        started = time.monotonic()
+        # Most requests carry none of the fields that change how a hit is served; for them the
+        # entry's memoized client headers are reused as they are.
+        plain = not any(k in FAST_PATH_BLOCKERS for k, _ in head.headers)
+        if not plain and (not policy.request_cacheable(head) or _wants_upgrade(head)):
+            return None
+        try:
+            self._group_for(head)
+        except HTTPError:
+            return None
+        now = self.clock()
+        entry = policy.select(cache.get(policy.cache_key(head.scheme, head.authority, head.target)), head)
+        if entry is None or policy.evaluate(entry, head, now) is not policy.Freshness.FRESH:
+            return None
+        self.m_cache.inc("hit")
+        if plain:
+            memo_key = (head.http_version == "3", self.alt_svc)
+            static = entry.rendered.get(memo_key)
+            if static is None:
+                static = entry.rendered[memo_key] = edge_static_headers(
+                    entry.headers, pop_id=self.pop_id, http_version=head.http_version, alt_svc=self.alt_svc, cache_status=b"HIT"
+                )
+            assert isinstance(static, list)
+            rhead = ResponseHead(entry.status, [*static, policy.age_header(entry, now), (b"x-request-id", head.request_id.encode())])
+            body = b"" if head.method == b"HEAD" else entry.body
+        else:
+            rhead, body = stored_response(head, entry, now)
+            rhead.headers = client_response_headers(
+                rhead.headers, pop_id=self.pop_id, request_id=head.request_id, http_version=head.http_version, alt_svc=self.alt_svc, cache_status=b"HIT"
+            )
+        proto = protocol_of(head)
+        self.m_requests.inc(proto, str(rhead.status))
+        duration = time.monotonic() - started
+        self.m_duration.observe(duration, proto)
+        self.m_body_bytes.inc(proto, amount=len(body))
+        if self.access_log is not None and self.access_log.enabled:
+            self._log(proto, head, head.client_addr, head.request_id, rhead.status, len(body), duration, b"HIT", "", "")
         return rhead, body
 
     async def handle(self, head: RequestHead, body: Body, sink: ResponseSink) -> None:
@@ -241,7 +330,7 @@ class Pipeline:
         origin: str,
         detail: str,
     ) -> None:
-        if self.access_log is None:
+        if self.access_log is None or not self.access_log.enabled:
             return
         record: dict[str, Any] = {
             "time": round(time.time(), 3),
@@ -265,6 +354,9 @@ class Pipeline:
         self.access_log.write(record)
 
     def _group_for(self, head: RequestHead) -> OriginGroup:
+        group = self._host_groups.get(head.authority)
+        if group is not None:
+            return group
         host = head.authority.decode("latin-1").lower()
         if host.startswith("["):
             host = host[1:].split("]", 1)[0]
@@ -273,7 +365,10 @@ class Pipeline:
         section = self.config.group_for_host(host)
         if section is None:
             raise HTTPError(404, f"no origin is configured for host {host!r}")
-        return self.groups[section.name]
+        if len(self._host_groups) >= 4096:  # bounded: hosts are client-chosen
+            self._host_groups.clear()
+        group = self._host_groups[head.authority] = self.groups[section.name]
+        return group
 
     async def _dispatch(self, head: RequestHead, body: Body, ex: _Exchange) -> None:
         group = self._group_for(head)
@@ -341,6 +436,11 @@ class Pipeline:
         if policy.only_if_cached(head):
             self.m_cache.inc("miss")
             raise HTTPError(504, "only-if-cached and no usable stored response")
+        if entry is None and self._passes.get(key, 0.0) > now:
+            # Recently uncacheable: no waiting on a flight whose answer could not be shared.
+            self.m_cache.inc("pass")
+            await self._forward(head, EmptyBody(), group, ex)
+            return
         flight = self._flights.get(key) if self.config.cache.coalesce else None
         coalesced = flight is not None and flight.keeping
         if flight is None or not flight.keeping:
@@ -348,6 +448,16 @@ class Pipeline:
         else:
             self.m_cache.inc("coalesced")
         await self._serve_flight(flight, head, group, ex, coalesced)
+
+    def _remember_pass(self, key: bytes, now: float) -> None:
+        """Hit-for-pass (as Varnish calls it): for HIT_FOR_PASS seconds requests for a key whose
+        response was not storable skip coalescing, instead of queueing behind a flight only to
+        fetch again themselves. Cleared when a storable response arrives."""
+        if len(self._passes) >= 65536:  # bounded: keys are client-chosen
+            self._passes = {k: t for k, t in self._passes.items() if t > now}
+            if len(self._passes) >= 65536:
+                self._passes.clear()
+        self._passes[key] = now + HIT_FOR_PASS
 
     def _start_flight(
         self, key: bytes, head: RequestHead, group: OriginGroup, stale: policy.CachedResponse | None
@@ -409,6 +519,8 @@ class Pipeline:
             storable = policy.storable(fill, resp.head, response_time)
             private = b"private" in [t.lower().split(b"=")[0] for t in header_list(resp.head.headers, b"cache-control")]
             flight.shareable = storable or (resp.head.status >= 500 and not private)
+            if not storable and resp.head.status < 500:
+                self._remember_pass(key, response_time)
             flight.vary_names = [v.lower() for v in header_list(resp.head.headers, b"vary")]
             flight.vary_key = policy.secondary_key(fill, flight.vary_names)
             self.m_cache.inc("expired" if stale is not None else "miss")
@@ -423,6 +535,8 @@ class Pipeline:
                     flight.fail(BodyError("no readers left"))
                     return
             resp.release()
+            if storable:
+                self._passes.pop(key, None)
             if storable and flight.keeping:
                 entry = policy.make_entry(fill, resp.head, flight.body(), request_time, response_time)
                 if self.cache.put(key, entry):
@@ -471,8 +585,8 @@ class Pipeline:
             ex.origin = flight.origin
             status = b"COALESCED" if coalesced and flight.cache_status == b"MISS" else flight.cache_status
             stored = flight.stored_entry
-            if stored is not None and ex.not_modified(stored):
-                await ex.send_304(flight.head, status)
+            if stored is not None:
+                await ex.serve_entry(stored, self.clock(), status)
                 return
             await ex.start(flight.head, status)
             while chunk := await flight.read(reader):
@@ -561,37 +675,10 @@ class _Exchange:
         await self.sink.end()
 
     async def serve_entry(self, entry: policy.CachedResponse, now: float, cache_status: bytes) -> None:
-        headers = policy.response_headers(entry, now)
-        if self.not_modified(entry):
-            await self.send_304(ResponseHead(entry.status, headers), cache_status)
-            return
-        await self.start(ResponseHead(entry.status, headers), cache_status)
-        if entry.body:
-            await self.write(entry.body)
-        await self.end()
-
-    def not_modified(self, entry: policy.CachedResponse) -> bool:
-        """The client's own validators match the stored response (RFC 9110 section 13.2.2)."""
-        if entry.status != 200:
-            return False
-        inm = header_list(self.head.headers, b"if-none-match")
-        if inm:
-            etag = entry.etag
-            if etag is None:
-                return False
-            weak = etag.removeprefix(b"W/")
-            return any(t == b"*" or t.removeprefix(b"W/") == weak for t in inm)
-        ims = header_get(self.head.headers, b"if-modified-since")
-        if ims is not None and entry.last_modified is not None:
-            since = policy.parse_http_date(ims)
-            modified = policy.parse_http_date(entry.last_modified)
-            return since is not None and modified is not None and modified <= since
-        return False
-
-    async def send_304(self, head: ResponseHead, cache_status: bytes) -> None:
-        keep = {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified", b"age"}
-        headers = [(k, v) for k, v in head.headers if k in keep]
-        await self.start(ResponseHead(304, headers), cache_status)
+        rhead, body = stored_response(self.head, entry, now)
+        await self.start(rhead, cache_status)
+        if body:
+            await self.write(body)
         await self.end()
 
     async def error(self, e: HTTPError) -> None:

@@ -38,8 +38,8 @@ class Pop:
         self.access_log = AccessLog(config.log.access_log, config.pop.id)
         self.groups = {g.name: OriginGroup(g, self.metrics) for g in config.origin_groups}
         self.pipeline = Pipeline(config, self.metrics, self.groups, access_log=self.access_log)
-        self.h1 = H1Server(self.pipeline, config.limits, self.metrics, scheme="http")
-        self.h1s = H1Server(self.pipeline, config.limits, self.metrics, scheme="https")
+        self.h1 = H1Server(self.pipeline, config.limits, self.metrics, scheme="http", parser=config.http1.parser)
+        self.h1s = H1Server(self.pipeline, config.limits, self.metrics, scheme="https", parser=config.http1.parser)
         self.quic: list[QuicDispatcher] = []
         self.admin = AdminServer(self.metrics, purge=self.pipeline.purge, status=self.status)
         self.certs: CertStore | None = None

@@ -17,6 +17,10 @@ from edgeproxy.config import config_from_dict
 from edgeproxy.demo import DemoOrigin
 from edgeproxy.pop import Pop
 
+# The HTTP/1.1 parser the PoPs of this test run use; tests/conftest.py runs the HTTP/1.1 suites once
+# per parser.
+H1_PARSER = "httptools"
+
 
 @dataclass
 class Response:
@@ -72,6 +76,7 @@ async def running_pop(tmp_path: Path, overrides: dict[str, Any] | None = None, *
         "origin_groups": [{"name": "demo", "servers": [f"127.0.0.1:{port}"], "health": {"enabled": False}}],
         "admin": {"listen": "127.0.0.1:0"},
         "log": {"access_log": str(tmp_path / "access.log")},
+        "http1": {"parser": H1_PARSER},
     }
     cfg = config_from_dict(deep_merge(base, overrides or {}))
     pop = Pop(cfg)

@@ -132,3 +132,17 @@ async def test_stale_if_error_when_origin_is_gone(tmp_path: Path) -> None:
         clock.now += 200
         r = await get(p.http, "/cached/sie")
         assert r.status == 200 and r.header("x-cache") == "STALE" and r.body == first.body
+
+
+async def test_uncacheable_key_is_passed_without_coalescing(tmp_path: Path) -> None:
+    """Hit-for-pass: once a key answered no-store, concurrent requests go to the origin directly
+    (one origin request each) instead of waiting on one another."""
+    async with running_pop(tmp_path) as p:
+        await get(p.http, "/time")  # no-store: remembered as pass
+        hits = p.origin.hits
+        results = await asyncio.gather(*(get(p.http, "/time") for _ in range(20)))
+        assert all(r.status == 200 for r in results)
+        assert p.origin.hits - hits == 20
+        assert all(r.header("x-cache") is None for r in results)
+        metrics = (await get(p.admin, "/metrics")).body.decode()
+        assert 'edgeproxy_cache_requests_total{result="pass"} 20' in metrics

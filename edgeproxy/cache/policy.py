@@ -19,7 +19,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeproxy.http.messages import (
     Headers,
@@ -339,6 +339,9 @@ class CachedResponse:
     last_modified: bytes | None = None
     has_query: bool = False  # heuristic freshness is not applied to URIs with a query
     no_store: bool = False  # set by merge_304 when the refreshed headers forbid storing
+    # Front ends memoize per-entry renderings here (e.g. the client-ready headers of a hit);
+    # not part of the entry's value, dropped with it.
+    rendered: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -643,7 +646,8 @@ def select(variants: list[CachedResponse], req: RequestHead) -> CachedResponse |
     """The most recently stored variant whose secondary key matches `req`, or None."""
     best: CachedResponse | None = None
     for v in variants:
-        if secondary_key(req, list(v.vary_names)) != v.vary:
+        # Without Vary every request matches: skip building a key (the common hit).
+        if v.vary_names and secondary_key(req, list(v.vary_names)) != v.vary:
             continue
         if best is None or v.response_time >= best.response_time:
             best = v
@@ -775,10 +779,15 @@ def merge_304(
     return fresh
 
 
-def response_headers(entry: CachedResponse, now: float) -> Headers:
-    """Headers to send with `entry` at `now`: the stored ones plus Age (RFC 9111 section 5.1)."""
+def age_header(entry: CachedResponse, now: float) -> tuple[bytes, bytes]:
+    """The Age field for `entry` at `now` (RFC 9111 section 5.1)."""
     age = int(min(max(current_age(entry, now), 0.0), float(MAX_DELTA)))
-    return [*entry.headers, (b"age", str(age).encode("ascii"))]
+    return (b"age", str(age).encode("ascii"))
+
+
+def response_headers(entry: CachedResponse, now: float) -> Headers:
+    """Headers to send with `entry` at `now`: the stored ones plus Age."""
+    return [*entry.headers, age_header(entry, now)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,16 +1,23 @@
-"""HTTP/1.1 front end: client connections over TCP or TLS, parsed with h11, handed to the pipeline.
+"""HTTP/1.1 front end: client connections over TCP or TLS, handed to the pipeline.
 
 This module owns everything specific to HTTP/1.1 framing: keep-alive, pipelining, timeouts (408),
 limits (413, 431, 501), request-smuggling defences, 100-continue, Upgrade tunnels (only after the
 origin's 101) and the rule that a connection whose request body was not fully read is never reused.
+
+The connection state machine is h11's (`h11.Connection` or `h1fast.FastServerConnection`, which
+parses with llhttp behind h11's interface). The socket side is an `asyncio.Protocol`, not streams:
+a fresh cache hit is answered inside `data_received` without creating a task, and everything else
+runs in one task per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import h11
@@ -28,6 +35,44 @@ READ_CHUNK = 65536
 # after a cache hit); anything larger closes the connection instead.
 DRAIN_LIMIT = 256 * 1024
 DRAIN_TIMEOUT = 2.0
+TUNNEL_BUFFER = 256 * 1024
+# Writes smaller than this are joined with the others of the same event-loop tick.
+CORK_LIMIT = 16 * 1024
+
+
+class Codec(Protocol):
+    """The subset of `h11.Connection` (server role) this module drives."""
+
+    @property
+    def our_state(self) -> Any: ...
+
+    @property
+    def their_state(self) -> Any: ...
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> Any: ...
+
+    def send(self, event: Any) -> bytes | None: ...
+
+    def start_next_cycle(self) -> None: ...
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]: ...
+
+
+def codec_factory(parser: str) -> Callable[[int], Codec]:
+    """`h11` (pure Python) or `httptools` (llhttp behind h11's interface, see h1fast)."""
+    if parser == "h11":
+        return lambda limit: h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+    if parser == "httptools":
+        from .h1fast import FastServerConnection
+
+        return lambda limit: FastServerConnection(max_incomplete_event_size=limit)
+    raise ValueError(f"unknown HTTP/1.1 parser {parser!r}")
 
 
 class Tunnel(Protocol):
@@ -47,12 +92,12 @@ class _Close(Exception):
 
 
 class _H1Body:
-    """Request body read on demand from the connection: reading is the backpressure, because the
-    StreamReader stops reading the socket while its buffer is full."""
+    """Request body read on demand: the protocol stops reading the socket whenever a chunk arrives
+    that nobody is waiting for, so reading is the backpressure."""
 
-    def __init__(self, conn: H1Connection, length: int | None, limit: int) -> None:
+    def __init__(self, conn: H1Protocol, length: int | None, limit: int) -> None:
         self._conn = conn
-        self._remaining_limit = limit
+        self._limit = limit
         self.length = length
         self.done = length == 0
         self.received = 0
@@ -61,60 +106,54 @@ class _H1Body:
         if self.done:
             return b""
         conn = self._conn
-        if conn.h11.they_are_waiting_for_100_continue and conn.h11.our_state is h11.SEND_RESPONSE:
-            await conn.send_raw(conn.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
-        event = await conn.next_event(conn.limits.body_timeout, "request body")
-        if isinstance(event, h11.Data):
-            self.received += len(event.data)
-            if self.received > self._remaining_limit:
+        codec = conn.codec
+        if codec.they_are_waiting_for_100_continue and codec.our_state is h11.SEND_RESPONSE:
+            await conn.send_raw(codec.send(h11.InformationalResponse(status_code=100, headers=[])))
+        while True:
+            try:
+                event = codec.next_event()
+            except h11.RemoteProtocolError as e:
                 conn.must_close = True
-                raise HTTPError(413, f"request body larger than {self._remaining_limit} bytes", close=True)
-            return bytes(event.data)
-        if isinstance(event, h11.EndOfMessage):
-            self.done = True
-            return b""
-        raise HTTPError(400, "malformed request body", close=True)
+                raise HTTPError(e.error_status_hint, _protocol_error_detail(e), close=True) from None
+            if event is h11.NEED_DATA:
+                await conn.wait_for_data(conn.limits.body_timeout, "request body")
+                continue
+            if isinstance(event, h11.Data):
+                self.received += len(event.data)
+                if self.received > self._limit:
+                    conn.must_close = True
+                    raise HTTPError(413, f"request body larger than {self._limit} bytes", close=True)
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                self.done = True
+                return b""
+            conn.must_close = True
+            raise BodyError("client closed the connection during the request body")
 
 
 class _H1Sink:
-    """Writes one response onto the connection with h11 framing (Content-Length, chunked, or
-    close-delimited for HTTP/1.0 clients) and awaits the socket between chunks (backpressure)."""
+    """Writes one response with h11 framing (Content-Length, chunked, or close-delimited for
+    HTTP/1.0 clients) and waits for the socket when its buffer is full (backpressure)."""
 
-    def __init__(self, conn: H1Connection, head: RequestHead) -> None:
+    def __init__(self, conn: H1Protocol) -> None:
         self._conn = conn
-        self._head = head
         self._started = False
         self.ended = False
-        self.status = 0
-        self.bytes_out = 0
 
     @property
     def started(self) -> bool:
         return self._started
 
     async def start(self, head: ResponseHead) -> None:
-        conn = self._conn
         self._started = True
-        self.status = head.status
-        headers = [(k, v) for k, v in head.headers if k not in (b"connection", b"transfer-encoding")]
-        if head.status == 101:
-            headers += [(b"connection", b"upgrade")]
-            data = conn.h11.send(h11.InformationalResponse(status_code=101, headers=headers, reason=head.reason or b"Switching Protocols"))
-        else:
-            if conn.must_close:
-                headers.append((b"connection", b"close"))
-            data = conn.h11.send(h11.Response(status_code=head.status, headers=headers, reason=head.reason or reason(head.status)))
-        await conn.send_raw(data)
+        await self._conn.send_raw(self._conn.response_bytes(head))
 
     async def write(self, data: bytes) -> None:
-        if not data:
-            return
-        out = self._conn.h11.send(h11.Data(data=data))
-        self.bytes_out += len(data)
-        await self._conn.send_raw(out)
+        if data:
+            await self._conn.send_raw(self._conn.codec.send(h11.Data(data=data)))
 
     async def end(self) -> None:
-        out = self._conn.h11.send(h11.EndOfMessage())
+        out = self._conn.codec.send(h11.EndOfMessage())
         self.ended = True
         await self._conn.send_raw(out)
 
@@ -122,29 +161,28 @@ class _H1Sink:
         # Closing without the terminating chunk (or short of Content-Length) is how HTTP/1.1 tells
         # the client the response is incomplete.
         self._conn.must_close = True
-        self._conn.writer.transport.abort()
+        self._conn.abort()
 
     async def tunnel(self, origin: Tunnel) -> None:
         """After a 101 from the origin: relay raw bytes both ways until both sides have finished,
         each direction half-closed on its own (as TCP allows)."""
         conn = self._conn
         conn.must_close = True
-        leftover, _ = conn.h11.trailing_data
         self.ended = True
+        leftover, _ = conn.codec.trailing_data
+        inbound = conn.start_tunnel()
 
         async def client_to_origin() -> None:
             if leftover:
                 await origin.write(leftover)
-            while data := await conn.reader.read(READ_CHUNK):
+            while data := await inbound.get():
                 await origin.write(data)
             origin.write_eof()
 
         async def origin_to_client() -> None:
             while data := await origin.read(READ_CHUNK):
                 await conn.send_raw(data)
-                await conn.writer.drain()
-            if conn.writer.can_write_eof():
-                conn.writer.write_eof()
+            conn.write_eof()
 
         try:
             async with asyncio.timeout(conn.limits.idle_timeout * 60):
@@ -155,105 +193,408 @@ class _H1Sink:
             origin.close()
 
 
-class H1Connection:
-    def __init__(
-        self,
-        server: H1Server,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+class _TunnelInbound:
+    """Client bytes after a 101, queued for the origin; reading pauses while the queue is full."""
+
+    def __init__(self, conn: H1Protocol) -> None:
+        self._conn = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > TUNNEL_BUFFER:
+            self._conn.pause_reading()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        if self._size <= TUNNEL_BUFFER:
+            self._conn.resume_reading()
+        return data
+
+
+class H1Protocol(asyncio.Protocol):
+    def __init__(self, server: H1Server) -> None:
         self.server = server
         self.handler = server.handler
         self.limits = server.limits
-        self.reader = reader
-        self.writer = writer
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-        peer = writer.get_extra_info("peername") or ("", 0)
-        self.client_addr: tuple[str, int] = (str(peer[0]), int(peer[1])) if len(peer) >= 2 else ("", 0)
+        self.codec: Codec = server.new_codec(server.limits.max_header_bytes)
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.client_addr: tuple[str, int] = ("", 0)
         self.must_close = False
-        self.busy = False
+        self.busy = False  # a request is being handled by a task
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting_for_head = False  # bytes of a request head are buffered, header_timeout runs
+        self._tunnel: _TunnelInbound | None = None
+        self._cork: list[bytes] = []
+        self._corked = False  # a flush of _cork is scheduled for the end of this tick
+        self._cork_size = 0
 
-    async def send_raw(self, data: bytes) -> None:
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        if len(server.connections) >= self.limits.max_connections or server.closing:
+            server.conn_refused.inc(server.protocol)
+            self.closed = True
+            self.abort()
+            return
+        peer = transport.get_extra_info("peername")
+        if peer and len(peer) >= 2:
+            self.client_addr = (str(peer[0]), int(peer[1]))
+        server.connections.add(self)
+        server.conn_total.inc(server.protocol)
+        server.conn_open.inc(server.protocol)
+        self._arm(self.limits.idle_timeout, self._on_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self.server.bytes_in.inc(amount=len(data))
+        if self._tunnel is not None:
+            self._tunnel.feed(data)
+            return
+        self.codec.receive_data(data)
+        if self.busy:
+            waiter = self._data_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            else:
+                self.pause_reading()  # nobody reads yet: let TCP push back on the client
+            return
+        if not self._waiting_for_head:
+            self._waiting_for_head = True
+            self._arm(self.limits.header_timeout, self._on_header_timeout)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self._tunnel is not None:
+            self._tunnel.feed_eof()
+            return True
+        self.codec.receive_data(b"")
+        if self.busy:
+            waiter = self._data_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        else:
+            self._process()
+        return True  # keep the write side open: a half-closed client still gets its response
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        for waiter in (self._data_waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if self._tunnel is not None:
+            self._tunnel.feed_eof()
+        server = self.server
+        if self in server.connections:
+            server.connections.discard(self)
+            server.conn_open.dec(server.protocol)
+        if self.task is not None and not self.task.done() and self._tunnel is None:
+            self.task.cancel()  # the client is gone: stop the origin fetch it was waiting for
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- I/O helpers ------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and not self.closed and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and not self.closed and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            if self._corked:
+                self._flush()
+            self.transport.close()
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            if self._corked:
+                self._flush()
+            self.transport.write_eof()
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.server.bytes_out.inc(amount=len(data))
+        if self._corked:
+            self._flush()
+        self.transport.write(data)
+
+    def _flush(self) -> None:
+        data = b"".join(self._cork)
+        self._cork.clear()
+        self._cork_size = 0
+        self._corked = False
+        if data and not self.closed and self.transport is not None:
+            self.server.bytes_out.inc(amount=len(data))
+            self.transport.write(data)
+
+    async def send_raw(self, data: bytes | None) -> None:
+        """Queues `data` for the socket. Writes made within one event-loop tick (a response's
+        head, body and end, typically) leave in one send(2); large ones go at once."""
+        if self.closed:
+            raise _Close("client connection closed")
         if not data:
             return
-        self.writer.write(data)
-        self.server.bytes_total.inc(self.server.protocol, "out", amount=len(data))
-        if self.writer.transport.get_write_buffer_size() > 65536:
+        if len(data) >= CORK_LIMIT:
+            self._write(data)
+        else:
+            self._cork.append(data)
+            self._cork_size += len(data)
+            if self._cork_size >= CORK_LIMIT:
+                self._flush()
+            elif not self._corked:
+                self._corked = True
+                self.loop.call_soon(self._flush)
+        if self._write_paused:
+            self._drain_waiter = self.loop.create_future()
             try:
                 async with asyncio.timeout(self.limits.send_timeout):
-                    await self.writer.drain()
+                    await self._drain_waiter
             except TimeoutError:
-                self.writer.transport.abort()
+                self.abort()
                 raise _Close("client stopped reading (send_timeout)") from None
-            except (ConnectionError, OSError) as e:
-                raise _Close(str(e)) from None
+            if self.closed:
+                raise _Close("client connection closed")
 
-    async def _receive(self) -> None:
-        try:
-            data = await self.reader.read(READ_CHUNK)
-        except (ConnectionError, OSError) as e:
-            raise _Close(str(e)) from None
-        self.server.bytes_total.inc(self.server.protocol, "in", amount=len(data))
-        self.h11.receive_data(data)
-
-    async def next_event(self, timeout: float, what: str) -> Any:
+    async def wait_for_data(self, timeout: float, what: str) -> None:
+        if self.closed:
+            raise BodyError(f"client closed the connection during the {what}")
+        self._data_waiter = self.loop.create_future()
+        self.resume_reading()
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    event = self.h11.next_event()
-                    if event is not h11.NEED_DATA:
-                        return event
-                    await self._receive()
+                await self._data_waiter
         except TimeoutError:
             self.must_close = True
             raise HTTPError(408, f"client too slow sending the {what} ({timeout:g}s)", close=True) from None
-        except h11.RemoteProtocolError as e:
-            self.must_close = True
-            raise HTTPError(e.error_status_hint, _protocol_error_detail(e), close=True) from None
 
-    async def _read_request(self) -> h11.Request | None:
-        """Waits up to idle_timeout for a request to begin, then header_timeout for all of it."""
-        if not self.h11.trailing_data[0]:
+    def start_tunnel(self) -> _TunnelInbound:
+        self._tunnel = _TunnelInbound(self)
+        self._cancel_timer()
+        self.resume_reading()
+        return self._tunnel
+
+    def response_bytes(self, head: ResponseHead) -> bytes:
+        # `_parsed=True` skips h11's per-header regex validation (a third of a cache hit's cost):
+        # every header here was validated when parsed from an origin response, or is the edge's
+        # own. h11 is pinned (<0.17) for this keyword.
+        headers = [(k, v) for k, v in head.headers if k not in (b"connection", b"transfer-encoding")]
+        if head.status == 101:
+            headers.append((b"connection", b"upgrade"))
+            event: Any = h11.InformationalResponse(status_code=101, headers=headers, reason=head.reason or b"Switching Protocols", _parsed=True)
+        else:
+            if self.must_close:
+                headers.append((b"connection", b"close"))
+            event = h11.Response(status_code=head.status, headers=headers, reason=head.reason or reason(head.status), _parsed=True)
+        return self.codec.send(event) or b""
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_idle(self) -> None:
+        self._timer = None
+        if not self.busy:
+            self.close()  # an idle keep-alive connection just closes, without a 408
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        if not self.busy and not self.closed:
+            timeout = self.limits.header_timeout
+            self._reject(HTTPError(408, f"client too slow sending the request headers ({timeout:g}s)", close=True), None, self.handler.new_request_id())
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Parses and answers requests until one needs a task, more bytes, or the end."""
+        while not self.busy and not self.closed:
+            request_id = ""
             try:
-                async with asyncio.timeout(self.limits.idle_timeout):
-                    while True:
-                        event = self.h11.next_event()
-                        if event is not h11.NEED_DATA:
-                            break
-                        if self.h11.trailing_data[0] or self.h11.trailing_data[1]:
-                            break
-                        await self._receive()
-            except TimeoutError:
-                return None  # an idle keep-alive connection just closes
+                event = self.codec.next_event()
+                if event is h11.NEED_DATA or event is h11.PAUSED:
+                    return
+                if isinstance(event, h11.ConnectionClosed):
+                    self.close()
+                    return
+                if not isinstance(event, h11.Request):
+                    raise HTTPError(400, "unexpected data before a request", close=True)
+                self._cancel_timer()
+                self._waiting_for_head = False
+                request_id = self.handler.new_request_id()
+                head, length = self._request_head(event, request_id)
             except h11.RemoteProtocolError as e:
-                raise HTTPError(e.error_status_hint, _protocol_error_detail(e), close=True) from None
-            if event is not h11.NEED_DATA:
-                return self._request_or_close(event)
-        event = await self.next_event(self.limits.header_timeout, "request headers")
-        return self._request_or_close(event)
+                self._reject(HTTPError(e.error_status_hint, _protocol_error_detail(e), close=True), None, request_id or self.handler.new_request_id())
+                return
+            except HTTPError as e:
+                self._reject(e, None, request_id or self.handler.new_request_id())
+                return
+            if length == 0:
+                fast = self.handler.respond_fresh(head)
+                if fast is not None:
+                    # A bodiless request's EndOfMessage is already parsed; take it so the
+                    # codec's request side is DONE.
+                    if not isinstance(self.codec.next_event(), h11.EndOfMessage):
+                        self._reject(HTTPError(400, "malformed request framing", close=True), head, request_id)
+                        return
+                    rhead, body = fast
+                    out = self.response_bytes(rhead)
+                    if body:
+                        out += self.codec.send(h11.Data(data=body)) or b""
+                    self._write(out + (self.codec.send(h11.EndOfMessage()) or b""))
+                    if not self._next_cycle():
+                        return
+                    continue
+            self.busy = True
+            self.task = self.loop.create_task(self._handle(head, length))
+            return
 
-    def _request_or_close(self, event: Any) -> h11.Request | None:
-        if isinstance(event, h11.Request):
-            return event
-        if isinstance(event, h11.ConnectionClosed):
-            return None
-        raise HTTPError(400, "unexpected data before a request", close=True)
+    def _next_cycle(self) -> bool:
+        """After a complete exchange: ready for the next request (True), or closing."""
+        codec = self.codec
+        if self.must_close or self.server.closing or codec.our_state is not h11.DONE or codec.their_state is not h11.DONE:
+            self.close()  # HTTP/1.0, Connection: close, an error, or shutting down
+            return False
+        codec.start_next_cycle()
+        if codec.trailing_data[0]:
+            self._waiting_for_head = True
+            self._arm(self.limits.header_timeout, self._on_header_timeout)
+        else:
+            self._waiting_for_head = False
+            self._arm(self.limits.idle_timeout, self._on_idle)
+        return True
+
+    async def _handle(self, head: RequestHead, length: int | None) -> None:
+        body = _H1Body(self, length, self.limits.max_body_bytes)
+        sink = _H1Sink(self)
+        try:
+            await self.handler.handle(head, body, sink)
+            if self._tunnel is not None:
+                self.close()
+                return
+            if not sink.ended or self.must_close or self.server.closing or self.closed:
+                self.close()
+                return
+            if self.codec.their_state is h11.SEND_BODY and not await self._drain_body(body):
+                self.close()
+                return
+        except _Close:
+            self.close()
+            return
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        except Exception:
+            log.exception("request %s: handler failed", head.request_id)
+            if not sink.started:
+                self._reject(HTTPError(500, "internal error", close=True), head, head.request_id)
+            else:
+                self.abort()
+            return
+        finally:
+            self.busy = False
+            self.task = None
+        self.resume_reading()
+        if self._next_cycle():
+            self._process()
+
+    async def _drain_body(self, body: _H1Body) -> bool:
+        """Reads and discards what is left of the request body; False if the connection must close."""
+        if self.codec.they_are_waiting_for_100_continue:
+            return False
+        if body.length is not None and body.length - body.received > DRAIN_LIMIT:
+            return False
+        drained = 0
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                while self.codec.their_state is h11.SEND_BODY:
+                    event = self.codec.next_event()
+                    if event is h11.NEED_DATA:
+                        await self.wait_for_data(DRAIN_TIMEOUT, "request body")
+                    elif isinstance(event, h11.Data):
+                        drained += len(event.data)
+                        if drained > DRAIN_LIMIT:
+                            return False
+                    elif not isinstance(event, h11.EndOfMessage):
+                        return False
+        except (TimeoutError, h11.RemoteProtocolError, HTTPError, BodyError):
+            return False
+        return self.codec.their_state is h11.DONE
 
     def _request_head(self, req: h11.Request, request_id: str) -> tuple[RequestHead, int | None]:
         """Validates framing (the smuggling defences) and builds the protocol-neutral head."""
-        headers = list(req.headers)  # h11 gives lowercase names
-        # h11 bounds only a head that arrives in pieces; one that arrives whole is measured here.
-        head_size = len(req.method) + len(req.target) + 12 + sum(len(k) + len(v) + 4 for k, v in headers)
+        headers = list(req.headers)  # lowercase names
+        # One pass over the fields for everything framing needs. h11 bounds only a head that
+        # arrives in pieces; one that arrives whole is measured here.
+        head_size = len(req.method) + len(req.target) + 12
+        hosts: list[bytes] = []
+        te = cl = False
+        for k, v in headers:
+            head_size += len(k) + len(v) + 4
+            if k == b"host":
+                hosts.append(v)
+            elif k == b"content-length":
+                cl = True
+            elif k == b"transfer-encoding":
+                te = True
         if head_size > self.limits.max_header_bytes:
             raise HTTPError(431, f"request head of {head_size} bytes is larger than {self.limits.max_header_bytes}", close=True)
         version = req.http_version.decode()
-        te = header_all(headers, b"transfer-encoding")
-        cl = header_all(headers, b"content-length")
         if te and cl:
             raise HTTPError(400, "Content-Length together with Transfer-Encoding", close=True)
         if te and version == "1.0":
             raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request", close=True)
-        hosts = header_all(headers, b"host")
         if len(hosts) > 1:
             raise HTTPError(400, "more than one Host header", close=True)
         if req.method == b"CONNECT":
@@ -272,7 +613,7 @@ class H1Connection:
                 raise HTTPError(400, "request target is not origin-form", close=True)
         length: int | None
         if cl:
-            length = int(cl[0])  # h11 has checked it is a valid, consistent number
+            length = int(header_all(headers, b"content-length")[0])  # the codec checked it is valid and consistent
             if length > self.limits.max_body_bytes:
                 raise HTTPError(413, f"request body of {length} bytes is larger than {self.limits.max_body_bytes}", close=True)
         elif te:
@@ -291,79 +632,24 @@ class H1Connection:
         )
         return head, length
 
-    async def _send_error(self, err: HTTPError, head: RequestHead | None, request_id: str) -> None:
-        """Edge-generated error, serialised by hand: h11 may already be in its ERROR state."""
-        self.must_close = self.must_close or err.close
-        rhead, body = self.handler.reject(self.server.protocol, err.status, err.detail, head, self.client_addr, request_id)
-        if self.h11.our_state is not h11.SEND_RESPONSE and self.h11.our_state is not h11.IDLE:
-            self.must_close = True
+    def _reject(self, err: HTTPError, head: RequestHead | None, request_id: str) -> None:
+        """Edge-generated error, serialised by hand (the codec may be in its ERROR state); the
+        connection always closes after it, since the codec did not see this response."""
+        self.must_close = True
+        self._cancel_timer()
+        if self.closed or self.transport is None:
             return
+        if self.codec.our_state is not h11.SEND_RESPONSE and self.codec.our_state is not h11.IDLE:
+            self.abort()
+            return
+        rhead, body = self.handler.reject(self.server.protocol, err.status, err.detail, head, self.client_addr, request_id)
         lines = [b"HTTP/1.1 %d %s\r\n" % (rhead.status, rhead.reason)]
         lines += [k + b": " + v + b"\r\n" for k, v in rhead.headers if k != b"connection"]
-        lines.append(b"connection: close\r\n" if self.must_close else b"")
-        payload = b"".join(lines) + b"\r\n" + (b"" if head is not None and head.method == b"HEAD" else body)
-        self.must_close = True  # h11 did not see this response, so its state cannot continue
-        with contextlib.suppress(_Close):
-            await self.send_raw(payload)
-
-    async def _drain_body(self, body: _H1Body) -> bool:
-        """Reads and discards what is left of the request body; False if the connection must close."""
-        if self.h11.they_are_waiting_for_100_continue or (body.length is not None and body.length - body.received > DRAIN_LIMIT):
-            return False
-        drained = 0
-        try:
-            async with asyncio.timeout(DRAIN_TIMEOUT):
-                while self.h11.their_state is h11.SEND_BODY:
-                    event = self.h11.next_event()
-                    if event is h11.NEED_DATA:
-                        await self._receive()
-                    elif isinstance(event, h11.Data):
-                        drained += len(event.data)
-                        if drained > DRAIN_LIMIT:
-                            return False
-                    elif not isinstance(event, h11.EndOfMessage):
-                        return False
-        except (TimeoutError, h11.RemoteProtocolError, _Close):
-            return False
-        return self.h11.their_state is h11.DONE
-
-    async def run(self) -> None:
-        try:
-            while not self.must_close:
-                request_id = self.handler.new_request_id()
-                head: RequestHead | None = None
-                try:
-                    req = await self._read_request()
-                    if req is None:
-                        return
-                    self.busy = True
-                    head, length = self._request_head(req, request_id)
-                except HTTPError as err:
-                    await self._send_error(err, head, request_id)
-                    return
-                body = _H1Body(self, length, self.limits.max_body_bytes)
-                sink = _H1Sink(self, head)
-                try:
-                    await self.handler.handle(head, body, sink)
-                except _Close:
-                    return
-                except Exception:
-                    log.exception("request %s: handler failed", request_id)
-                    if not sink.started:
-                        await self._send_error(HTTPError(500, "internal error", close=True), head, request_id)
-                    return
-                self.busy = False
-                if not sink.ended or self.must_close or self.server.closing:
-                    return
-                if self.h11.their_state is h11.SEND_BODY and not await self._drain_body(body):
-                    return
-                if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
-                    return  # HTTP/1.0, Connection: close, or an error state
-                self.h11.start_next_cycle()
-        except _Close:
-            return
-        finally:
-            self.writer.close()
+        lines.append(b"connection: close\r\n\r\n")
+        if head is None or head.method != b"HEAD":
+            lines.append(body)
+        self._write(b"".join(lines))
+        self.transport.close()
 
 
 def _protocol_error_detail(e: h11.RemoteProtocolError) -> str:
@@ -385,55 +671,39 @@ class H1Server:
         metrics: Registry,
         *,
         scheme: str = "http",
+        parser: str = "httptools",
     ) -> None:
         self.handler = handler
         self.limits = limits
         self.scheme = scheme
+        self.new_codec = codec_factory(parser)
         self.protocol = "https" if scheme == "https" else "http"
-        self.connections: set[H1Connection] = set()
+        self.connections: set[H1Protocol] = set()
         self.closing = False
         self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self.conn_open = metrics.gauge("edgeproxy_connections_open", "Open client connections.", ["protocol"])
         self.conn_total = metrics.counter("edgeproxy_connections_total", "Client connections accepted.", ["protocol"])
         self.conn_refused = metrics.counter("edgeproxy_connections_refused_total", "Client connections closed at once (limits.max_connections).", ["protocol"])
-        self.bytes_total = metrics.counter("edgeproxy_bytes_total", "Bytes from and to clients.", ["protocol", "direction"])
+        bytes_total = metrics.counter("edgeproxy_bytes_total", "Bytes from and to clients.", ["protocol", "direction"])
+        # Bound once: these are bumped for every read and write.
+        self.bytes_in = _Bound(bytes_total, (self.protocol, "in"))
+        self.bytes_out = _Bound(bytes_total, (self.protocol, "out"))
 
     async def listen(
         self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, backlog: int = 1024
     ) -> asyncio.Server:
-        server = await asyncio.start_server(
-            self._accept,
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: H1Protocol(self),
             host,
             port,
             ssl=ssl_context,
             backlog=backlog,
-            limit=READ_CHUNK * 2,
             ssl_handshake_timeout=self.limits.header_timeout if ssl_context else None,
             reuse_address=True,
         )
         self._servers.append(server)
         return server
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.connections) >= self.limits.max_connections or self.closing:
-            self.conn_refused.inc(self.protocol)
-            writer.transport.abort()
-            return
-        conn = H1Connection(self, reader, writer)
-        self.connections.add(conn)
-        self.conn_total.inc(self.protocol)
-        self.conn_open.inc(self.protocol)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
-            self.conn_open.dec(self.protocol)
-            if task is not None:
-                self._tasks.discard(task)
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle keep-alive connections, let requests in flight finish for up
@@ -443,14 +713,29 @@ class H1Server:
             server.close()
         for conn in list(self.connections):
             if not conn.busy:
-                conn.writer.transport.abort()
-        deadline = asyncio.get_running_loop().time() + grace
-        while self._tasks and asyncio.get_running_loop().time() < deadline:
+                conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(c.busy for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for task in list(self._tasks):
+        tasks = [c.task for c in self.connections if c.task is not None]
+        for conn in list(self.connections):
+            conn.abort()
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+
+
+class _Bound:
+    """A counter with its labels fixed, for the hot path."""
+
+    def __init__(self, counter: Any, labels: tuple[str, ...]) -> None:
+        self._values = counter.values
+        self._key = labels
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._values[self._key] = self._values.get(self._key, 0.0) + amount

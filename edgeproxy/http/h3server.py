@@ -532,10 +532,12 @@ class _H3Sink:
             raise RuntimeError("write() after end()")
         if not data or self._head_only:
             return
-        view = memoryview(data)
+        # A huge write goes out in send_buffer slices, waiting in between, so aioquic never
+        # holds much more than the bound even for one big chunk.
         step = self._conn.send_buffer
-        for pos in range(0, len(view), step):
-            piece = bytes(view[pos : pos + step])
+        view = memoryview(data)
+        for pos in range(0, len(data), step):
+            piece = data if len(data) <= step else bytes(view[pos : pos + step])
             self._conn.send_data(self, piece, end_stream=False)
             self.bytes_out += len(piece)
             await self._conn.wait_writable(self)

@@ -20,6 +20,11 @@ class RequestHandler(Protocol):
         """A fresh request id for a request (also for ones rejected before `handle`)."""
         ...
 
+    def respond_fresh(self, head: RequestHead) -> tuple[ResponseHead, bytes] | None:
+        """Synchronous fast path for a request without a body: the whole response when the cache
+        can answer at once (counted and logged), else None and the front end calls `handle`."""
+        ...
+
     async def handle(self, head: RequestHead, body: Body, sink: ResponseSink) -> None:
         """Produce the whole response via `sink`, including the pipeline's own 502/504 errors.
 

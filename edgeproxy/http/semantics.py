@@ -77,6 +77,26 @@ def origin_request_headers(head: RequestHead, pop_id: str, *, upgrade: bool = Fa
     return out
 
 
+def edge_static_headers(
+    headers: Headers, *, pop_id: str, http_version: str, alt_svc: bytes = b"", cache_status: bytes = b""
+) -> Headers:
+    """The part of `client_response_headers` that does not change per request (everything but
+    X-Request-Id), so a cache hit can reuse it."""
+    out = [
+        (k, v)
+        for k, v in strip_hop_by_hop(headers)
+        if k not in (b"x-edge-pop", b"x-request-id", b"x-cache", b"alt-svc")
+    ]
+    proto = "3" if http_version == "3" else "1.1"
+    out.append((b"via", f"{proto} {pop_id}".encode()))
+    out.append((b"x-edge-pop", pop_id.encode()))
+    if cache_status:
+        out.append((b"x-cache", cache_status))
+    if alt_svc and http_version != "3":
+        out.append((b"alt-svc", alt_svc))
+    return out
+
+
 def client_response_headers(
     headers: Headers,
     *,
@@ -88,19 +108,8 @@ def client_response_headers(
 ) -> Headers:
     """Response headers to the client: hop-by-hop removed, Via, X-Edge-Pop, X-Request-Id,
     X-Cache (HIT, MISS, STALE, ...) and Alt-Svc (advertised over HTTP/1.1 only) added."""
-    out = [
-        (k, v)
-        for k, v in strip_hop_by_hop(headers)
-        if k not in (b"x-edge-pop", b"x-request-id", b"x-cache", b"alt-svc")
-    ]
-    proto = "3" if http_version == "3" else "1.1"
-    out.append((b"via", f"{proto} {pop_id}".encode()))
-    out.append((b"x-edge-pop", pop_id.encode()))
+    out = edge_static_headers(headers, pop_id=pop_id, http_version=http_version, alt_svc=alt_svc, cache_status=cache_status)
     out.append((b"x-request-id", request_id.encode()))
-    if cache_status:
-        out.append((b"x-cache", cache_status))
-    if alt_svc and http_version != "3":
-        out.append((b"alt-svc", alt_svc))
     return out
 
 

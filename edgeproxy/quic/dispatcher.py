@@ -430,7 +430,7 @@ class EdgeConnectionProtocol(QuicConnectionProtocol):
         super().datagram_received(data, addr)
 
     async def _cancel_tasks(self) -> None:
-        """Cancel and await the subclass's tasks; called once by `aclose`."""
+        """Cancel and await the subclass's tasks; called by `aclose` (must be idempotent)."""
 
     async def aclose(self) -> None:
         """Close the connection now, stop its timers and await its tasks. Idempotent."""
