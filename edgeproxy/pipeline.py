@@ -26,6 +26,7 @@ from .http.messages import (
     BodyError,
     BytesBody,
     EmptyBody,
+    FreshResponse,
     Headers,
     HTTPError,
     RequestHead,
@@ -248,7 +249,7 @@ class Pipeline:
         rhead.headers = client_response_headers(rhead.headers, pop_id=self.pop_id, request_id=request_id, http_version="1.1")
         return rhead, body
 
-    def respond_fresh(self, head: RequestHead) -> tuple[ResponseHead, bytes] | None:
+    def respond_fresh(self, head: RequestHead) -> FreshResponse | None:
         """The synchronous fast path: a fresh cache hit answered without a task (counted and
         logged here). None means the request needs `handle`."""
         cache = self.cache
@@ -271,19 +272,22 @@ class Pipeline:
         self.m_cache.inc("hit")
         if plain:
             memo_key = (head.http_version == "3", self.alt_svc)
-            static = entry.rendered.get(memo_key)
-            if static is None:
-                static = entry.rendered[memo_key] = edge_static_headers(
+            memo = entry.rendered.get(memo_key)
+            if isinstance(memo, ResponseHead):
+                rhead = memo
+            else:
+                static = edge_static_headers(
                     entry.headers, pop_id=self.pop_id, http_version=head.http_version, alt_svc=self.alt_svc, cache_status=b"HIT"
                 )
-            assert isinstance(static, list)
-            rhead = ResponseHead(entry.status, [*static, policy.age_header(entry, now), (b"x-request-id", head.request_id.encode())])
+                rhead = entry.rendered[memo_key] = ResponseHead(entry.status, static, memo={})
+            extra = [policy.age_header(entry, now), (b"x-request-id", head.request_id.encode())]
             body = b"" if head.method == b"HEAD" else entry.body
         else:
             rhead, body = stored_response(head, entry, now)
             rhead.headers = client_response_headers(
                 rhead.headers, pop_id=self.pop_id, request_id=head.request_id, http_version=head.http_version, alt_svc=self.alt_svc, cache_status=b"HIT"
             )
+            extra = []
         proto = protocol_of(head)
         self.m_requests.inc(proto, str(rhead.status))
         duration = time.monotonic() - started
@@ -291,7 +295,7 @@ class Pipeline:
         self.m_body_bytes.inc(proto, amount=len(body))
         if self.access_log is not None and self.access_log.enabled:
             self._log(proto, head, head.client_addr, head.request_id, rhead.status, len(body), duration, b"HIT", "", "")
-        return rhead, body
+        return FreshResponse(rhead, extra, body)
 
     async def handle(self, head: RequestHead, body: Body, sink: ResponseSink) -> None:
         started = time.monotonic()

@@ -418,19 +418,31 @@ class H1Protocol(asyncio.Protocol):
         self.resume_reading()
         return self._tunnel
 
-    def response_bytes(self, head: ResponseHead) -> bytes:
+    def response_bytes(self, head: ResponseHead, extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+        """The serialised head. `extra` fields are spliced in after the codec's serialisation, so
+        a head shared between requests (`head.memo`) keeps one h11 event for all of them."""
+        if extra is not None and head.memo is not None and head.status != 101 and not self.must_close:
+            event = head.memo.get("h11")
+            if event is None:
+                event = head.memo["h11"] = self._response_event(head)
+            out = self.codec.send(event) or b""
+            # Every serialised head ends with its blank line; the extra fields go just before it.
+            return out[:-2] + b"".join(k + b": " + v + b"\r\n" for k, v in extra) + b"\r\n"
+        if extra:
+            head = ResponseHead(head.status, [*head.headers, *extra], head.reason)
+        return self.codec.send(self._response_event(head)) or b""
+
+    def _response_event(self, head: ResponseHead) -> Any:
         # `_parsed=True` skips h11's per-header regex validation (a third of a cache hit's cost):
         # every header here was validated when parsed from an origin response, or is the edge's
         # own. h11 is pinned (<0.17) for this keyword.
         headers = [(k, v) for k, v in head.headers if k not in (b"connection", b"transfer-encoding")]
         if head.status == 101:
             headers.append((b"connection", b"upgrade"))
-            event: Any = h11.InformationalResponse(status_code=101, headers=headers, reason=head.reason or b"Switching Protocols", _parsed=True)
-        else:
-            if self.must_close:
-                headers.append((b"connection", b"close"))
-            event = h11.Response(status_code=head.status, headers=headers, reason=head.reason or reason(head.status), _parsed=True)
-        return self.codec.send(event) or b""
+            return h11.InformationalResponse(status_code=101, headers=headers, reason=head.reason or b"Switching Protocols", _parsed=True)
+        if self.must_close:
+            headers.append((b"connection", b"close"))
+        return h11.Response(status_code=head.status, headers=headers, reason=head.reason or reason(head.status), _parsed=True)
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -488,10 +500,9 @@ class H1Protocol(asyncio.Protocol):
                     if not isinstance(self.codec.next_event(), h11.EndOfMessage):
                         self._reject(HTTPError(400, "malformed request framing", close=True), head, request_id)
                         return
-                    rhead, body = fast
-                    out = self.response_bytes(rhead)
-                    if body:
-                        out += self.codec.send(h11.Data(data=body)) or b""
+                    out = self.response_bytes(fast.head, fast.extra)
+                    if fast.body:
+                        out += self.codec.send(h11.Data(data=fast.body)) or b""
                     self._write(out + (self.codec.send(h11.EndOfMessage()) or b""))
                     if not self._next_cycle():
                         return

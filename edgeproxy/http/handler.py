@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .messages import Body, RequestHead, ResponseHead, ResponseSink
+from .messages import Body, FreshResponse, RequestHead, ResponseHead, ResponseSink
 
 
 class RequestHandler(Protocol):
@@ -20,7 +20,7 @@ class RequestHandler(Protocol):
         """A fresh request id for a request (also for ones rejected before `handle`)."""
         ...
 
-    def respond_fresh(self, head: RequestHead) -> tuple[ResponseHead, bytes] | None:
+    def respond_fresh(self, head: RequestHead) -> FreshResponse | None:
         """Synchronous fast path for a request without a body: the whole response when the cache
         can answer at once (counted and logged), else None and the front end calls `handle`."""
         ...

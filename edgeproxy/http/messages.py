@@ -59,6 +59,19 @@ class ResponseHead:
     status: int
     headers: Headers = field(default_factory=list)
     reason: bytes = b""
+    # A head reused across requests (a cached entry's rendering) lets front ends keep their
+    # protocol-specific form of it here; never set on a head that is built per request.
+    memo: dict[str, object] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(slots=True)
+class FreshResponse:
+    """A response the cache can give at once: `head` is shared between requests (never mutate
+    it), `extra` the per-request fields (Age, X-Request-Id) that go after its fields."""
+
+    head: ResponseHead
+    extra: Headers
+    body: bytes
 
 
 class HTTPError(Exception):
