@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -15,6 +16,16 @@ from .config import Config, ConfigError, config_from_dict, load_config
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(base) / "edgeproxy")
+
+
+def tune_gc() -> None:
+    """Server-process GC settings: every request allocates many short-lived containers, and with
+    the default gen-0 threshold (700) the cyclic collector ran often enough to cost a fifth of a
+    cache hit. Refcounting frees request objects anyway; cycles are still collected, less often.
+    Objects from start-up are frozen so full collections do not walk them."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _setup_logging(level: str) -> None:
@@ -38,6 +49,7 @@ async def _serve(config: Config, duration: float | None, banner: str = "") -> No
 
     pop = Pop(config)
     await pop.start()
+    tune_gc()
     if banner:
         print(banner, flush=True)
     else:

@@ -248,7 +248,10 @@ class H1Protocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
-        self._timer: asyncio.TimerHandle | None = None
+        # One deadline at a time (idle or request head), checked by the server's sweeper: cheaper
+        # than a loop timer armed and cancelled twice per request.
+        self.deadline = 0.0  # loop time; 0 = none
+        self._on_deadline: Callable[[], None] | None = None
         self._waiting_for_head = False  # bytes of a request head are buffered, header_timeout runs
         self._tunnel: _TunnelInbound | None = None
         self._cork: list[bytes] = []
@@ -447,22 +450,25 @@ class H1Protocol(asyncio.Protocol):
     # -- timers -----------------------------------------------------------------------------
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, callback)
+        self.deadline = self.loop.time() + delay
+        self._on_deadline = callback
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = 0.0
+        self._on_deadline = None
+
+    def expire(self, now: float) -> None:
+        """Called by the server's sweeper: fires the pending deadline if it has passed."""
+        if self.deadline and now >= self.deadline and self._on_deadline is not None:
+            callback = self._on_deadline
+            self._cancel_timer()
+            callback()
 
     def _on_idle(self) -> None:
-        self._timer = None
         if not self.busy:
             self.close()  # an idle keep-alive connection just closes, without a 408
 
     def _on_header_timeout(self) -> None:
-        self._timer = None
         if not self.busy and not self.closed:
             timeout = self.limits.header_timeout
             self._reject(HTTPError(408, f"client too slow sending the request headers ({timeout:g}s)", close=True), None, self.handler.new_request_id())
@@ -692,6 +698,9 @@ class H1Server:
         self.connections: set[H1Protocol] = set()
         self.closing = False
         self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        # Deadline checks run this often: a tenth of the shortest timeout, within [10 ms, 1 s].
+        self.sweep_interval = min(1.0, max(0.01, min(limits.header_timeout, limits.idle_timeout) / 10))
         self.conn_open = metrics.gauge("edgeproxy_connections_open", "Open client connections.", ["protocol"])
         self.conn_total = metrics.counter("edgeproxy_connections_total", "Client connections accepted.", ["protocol"])
         self.conn_refused = metrics.counter("edgeproxy_connections_refused_total", "Client connections closed at once (limits.max_connections).", ["protocol"])
@@ -714,7 +723,17 @@ class H1Server:
             reuse_address=True,
         )
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
         return server
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            now = loop.time()
+            for conn in [c for c in self.connections if c.deadline and now >= c.deadline]:
+                conn.expire(now)
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting, close idle keep-alive connections, let requests in flight finish for up
@@ -736,6 +755,10 @@ class H1Server:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
