@@ -5,6 +5,7 @@
   /cached/<anything> a text body cacheable for 60 s (stale-while-revalidate 30 s, stale-if-error
                      10 min), with an ETag it honours in If-None-Match; `?ms=N` delays it
   /private           `Cache-Control: private` (passed through, never shared)
+  /vary              cacheable, `Vary: Accept-Language`; the body names the language asked for
   /slow?ms=N         answers after N ms
   /stream?mb=N       streams N MiB (max 4096) in 64 KiB chunks
   /echo              echoes the request body, up to 64 MiB (any method)
@@ -153,6 +154,10 @@ class DemoOrigin:
                 status, payload = 304, None
             else:
                 headers.append((b"content-type", b"text/plain"))
+        elif path == "/vary":
+            lang = next((v for k, v in req.headers if k == b"accept-language"), b"none")
+            payload = b"language: " + lang + b"\n"
+            headers += [(b"content-type", b"text/plain"), (b"cache-control", b"max-age=60"), (b"vary", b"Accept-Language")]
         elif path == "/private":
             payload = f"private answer at {now:.6f}\n".encode()
             headers += [(b"content-type", b"text/plain"), (b"cache-control", b"private, max-age=60")]

@@ -146,3 +146,18 @@ async def test_uncacheable_key_is_passed_without_coalescing(tmp_path: Path) -> N
         assert all(r.header("x-cache") is None for r in results)
         metrics = (await get(p.admin, "/metrics")).body.decode()
         assert 'edgeproxy_cache_requests_total{result="pass"} 20' in metrics
+
+
+async def test_vary_keeps_one_variant_per_normalised_header(tmp_path: Path) -> None:
+    async with running_pop(tmp_path) as p:
+        en = await get(p.http, "/vary", headers={"Accept-Language": "en"})
+        de = await get(p.http, "/vary", headers={"Accept-Language": "de"})
+        assert (en.body, de.body) == (b"language: en\n", b"language: de\n")
+        assert en.header("x-cache") == de.header("x-cache") == "MISS"
+        en2 = await get(p.http, "/vary", headers={"Accept-Language": "EN"})  # normalised: same variant
+        de2 = await get(p.http, "/vary", headers={"Accept-Language": "de"})
+        assert (en2.header("x-cache"), en2.body) == ("HIT", b"language: en\n")
+        assert (de2.header("x-cache"), de2.body) == ("HIT", b"language: de\n")
+        none = await get(p.http, "/vary")
+        assert none.header("x-cache") == "MISS" and none.body == b"language: none\n"
+        assert p.origin.hits == 3
