@@ -8,6 +8,7 @@ Routes of the default handler (any method; request bodies are read unless noted)
   /status/NNN     that status
   /delay/SECS     wait, then 200
   /chunked        chunked response "a", "bb", "ccc"
+  /trickle/N/SECS chunked response of N pieces b"piece<i>", one every SECS seconds
   /http10         HTTP/1.0 close-delimited response, then close
   /connclose      200 with Connection: close, then close
   /close          read the request, close without answering
@@ -249,6 +250,14 @@ async def default_handler(
             w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             await w.drain()
             await asyncio.sleep(0.01)
+        w.write(b"0\r\n\r\n")
+    elif parts[0] == "trickle":
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(int(parts[1])):
+            await w.drain()
+            await asyncio.sleep(float(parts[2]))
+            piece = b"piece%d" % i
+            w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
         w.write(b"0\r\n\r\n")
     elif path == "/http10":
         w.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body")

@@ -1,4 +1,7 @@
-"""Origin client connections and the per-server pool, against real sockets on 127.0.0.1."""
+"""Origin client connections and the per-server pool, against real sockets on 127.0.0.1.
+
+Every test runs once with each HTTP/1.1 codec of the origin client (llhttp and h11).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from origin_helpers import (
 
 from edgeproxy.http.messages import Body, BodyError, EmptyBody, RequestHead, ResponseHead
 from edgeproxy.metrics import Registry
+from edgeproxy.origin import client
 from edgeproxy.origin.client import (
     RECV_HIGH_WATER,
     OriginConnectError,
@@ -30,6 +34,14 @@ from edgeproxy.origin.client import (
     OriginTimeout,
 )
 from edgeproxy.origin.pool import OriginPool
+
+
+@pytest.fixture(autouse=True, params=["httptools", "h11"])
+def origin_codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The codec every connection the pool opens uses."""
+    monkeypatch.setattr(client, "DEFAULT_CODEC", request.param)
+    codec: str = request.param
+    return codec
 
 
 @pytest.fixture

@@ -1,10 +1,21 @@
 """One persistent HTTP/1.1 client connection to an origin server, and the response it yields.
 
-h11 is the client state machine (the sans-IO core); this module is the asyncio shell around it:
-an `asyncio.Protocol` that buffers received bytes with a bound (pausing the socket beyond it) and
-exposes write backpressure, plus `OriginConnection`, which moves events between the two. All h11
-calls go through `_encode`, `_feed` and `_next_event` so a faster parser can replace it later
-without touching the I/O logic.
+The HTTP/1.1 client state machine (the sans-IO core) is a codec with `h11.Connection(h11.CLIENT)`'s
+interface: `FastClientConnection` from `edgeproxy.http.h1fast_client` (llhttp; the default) or h11
+itself, picked by `codec_factory` (the same names as the front end's `http1.parser`). This module
+is the asyncio shell around it: an `asyncio.Protocol` that buffers received bytes with a bound
+(pausing the socket beyond it) and exposes write backpressure, plus `OriginConnection`, which moves
+events between the two. All codec calls on the wire path go through `_encode`, `_feed` and
+`_next_event`.
+
+Per-request overhead is kept off the hot path (a keep-alive GET costs a few tens of microseconds):
+the request head and the end of an empty body go out in one transport write; timeouts use one
+`loop.call_at` timer per connection that is only moved when a deadline comes earlier than the one
+it is set for (a timer that fires early re-arms itself for the current deadline, one that fires
+when nothing waits does nothing), instead of an `asyncio.timeout` scope per wait; nothing is
+scheduled and no future is created when the bytes needed are already buffered. Request events
+are built without h11's per-field validation, behind an explicit header-injection guard (see
+`_request_event`).
 
 Requests are half-duplex: `request` returns once the whole request body is sent and the response
 head has arrived. An origin that answers early with an error (or `Connection: close`) stops the
@@ -23,11 +34,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import h11
+from h11._headers import Headers as _H11Headers  # private: see _request_event
 
+from edgeproxy.http.h1fast import _TCHAR
 from edgeproxy.http.messages import (
     Body,
     BodyError,
@@ -55,6 +69,111 @@ _CONTENT_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 # Framing is ours to decide from `body_length`; `expect` is dropped because the body is sent at
 # once anyway and a 100 Continue from the origin would only be skipped.
 _DROPPED_REQUEST_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect"})
+
+# h11's grammar for the request line (RFC 7230 token; visible ASCII for the target).
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+_EOM = h11.EndOfMessage()
+_NEED_DATA = h11.NEED_DATA
+
+# A timer may run its callback a little before its deadline (uvloop's timers have millisecond
+# resolution): within this much, the deadline counts as reached instead of re-arming for it.
+_TIMER_SLACK = 0.001
+
+DEFAULT_CODEC = "httptools"
+"""Codec for connections whose creator names none: `httptools` (llhttp) or `h11`."""
+
+
+class Codec(Protocol):
+    """The subset of `h11.Connection` (client role) this module drives."""
+
+    @property
+    def our_state(self) -> Any: ...
+
+    @property
+    def their_state(self) -> Any: ...
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def next_event(self) -> Any: ...
+
+    def send(self, event: Any) -> bytes | None: ...
+
+    def start_next_cycle(self) -> None: ...
+
+
+def codec_factory(parser: str) -> Callable[[int], Codec]:
+    """`h11` (pure Python) or `httptools` (llhttp behind h11's interface, see h1fast_client)."""
+    if parser == "h11":
+        return lambda limit: h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
+    if parser == "httptools":
+        from edgeproxy.http.h1fast_client import FastClientConnection
+
+        return lambda limit: FastClientConnection(max_incomplete_event_size=limit)
+    raise ValueError(f"unknown HTTP/1.1 parser {parser!r}")
+
+
+def _bad_field(items: list[tuple[bytes, bytes, bytes]]) -> str:
+    for name, lname, value in items:
+        if not lname or lname.translate(None, _TCHAR):
+            return f"illegal header name {name!r}"
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            return f"illegal header value {value!r} in {name!r}"
+    return "illegal header field"  # not reached: only called when one of the above holds
+
+
+def _request_event(head: RequestHead, host: bytes, body_length: int | None) -> h11.Request:
+    """The h11 Request for `head`, with Host first and framing from `body_length`.
+
+    Built without h11's constructor, whose per-field regex validation cost about as much as the
+    rest of the request path. The fields come from the front ends' parsers (h11 / llhttp for
+    HTTP/1.1, aioquic's checks for HTTP/3) plus edge-added ones, so they are well-formed; what
+    must never reach the origin whatever a front end lets through is anything that changes how
+    the request is split into lines and fields (header injection, request smuggling). So this
+    checks: the method is a token and the target visible ASCII (as h11 does); every field name
+    is a non-empty token; no value contains CR, LF or NUL. Values h11 would refuse for other
+    reasons (leading or trailing whitespace, other control bytes) are forwarded as they are.
+    Framing fields are ours alone (Content-Length / Transfer-Encoding from `body_length`, one
+    Host), which is what h11 would otherwise check. Raises HTTPError(400) for a request that
+    cannot be forwarded.
+    """
+    method = head.method
+    target = head.target
+    if _METHOD.fullmatch(method) is None:
+        raise HTTPError(400, f"request cannot be forwarded: illegal method {method!r}")
+    if _TARGET.fullmatch(target) is None:
+        raise HTTPError(400, f"request cannot be forwarded: illegal target {target!r}")
+    items: list[tuple[bytes, bytes, bytes]] = [(b"host", b"host", host)]
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname not in _DROPPED_REQUEST_HEADERS:
+            items.append((name, lname, value))
+    if body_length is None:
+        items.append((b"transfer-encoding", b"transfer-encoding", b"chunked"))
+    elif body_length > 0 or method in _CONTENT_METHODS:
+        length = str(body_length).encode()
+        items.append((b"content-length", b"content-length", length))
+    # The guard, on all fields at once (a few C-level scans instead of several per field).
+    names = [lname for _, lname, _ in items]
+    values = b" ".join([value for _, _, value in items])
+    if (
+        b"" in names
+        or b"".join(names).translate(None, _TCHAR)
+        or b"\r" in values
+        or b"\n" in values
+        or b"\0" in values
+    ):
+        raise HTTPError(400, f"request cannot be forwarded: {_bad_field(items)}")
+    req = object.__new__(h11.Request)
+    object.__setattr__(req, "method", method)
+    object.__setattr__(req, "target", target)
+    object.__setattr__(req, "headers", _H11Headers(items))
+    object.__setattr__(req, "http_version", b"1.1")
+    return req
 
 
 class OriginError(Exception):
@@ -143,11 +262,15 @@ class _OriginProtocol(asyncio.Protocol):
 
     def _wake(self) -> None:
         # Data also wakes a writer: the HTTP sender watches for an early response while blocked.
+        self.wake_waiters()
+        if self.on_event is not None:
+            self.on_event()
+
+    def wake_waiters(self) -> None:
+        """Resume whoever waits for the socket (the connection's timer uses this on timeouts)."""
         for w in (self._read_waiter, self._write_waiter):
             if w is not None and not w.done():
                 w.set_result(None)
-        if self.on_event is not None:
-            self.on_event()
 
     # consumer side
 
@@ -207,11 +330,16 @@ class _OriginProtocol(asyncio.Protocol):
 class OriginConnection:
     """A persistent HTTP/1.1 connection to one origin server; one request at a time."""
 
-    def __init__(self, protocol: _OriginProtocol, server: str) -> None:
+    def __init__(self, protocol: _OriginProtocol, server: str, *, codec: str | None = None) -> None:
         self.server = server
         self._proto = protocol
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        parser = codec or DEFAULT_CODEC
+        self._codec: Codec = codec_factory(parser)(MAX_HEAD_BYTES)
+        # h11 hands out bytearrays; the response head we build always holds bytes.
+        self._copy_fields = parser == "h11"
+        self._host = server.encode()
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self.created_at = loop.time()
         self.idle_since = self.created_at
         """Set by the pool when the connection is parked idle."""
@@ -224,12 +352,25 @@ class OriginConnection:
         self._in_head_phase = False
         self._reused = False
         self._early_head: h11.Response | h11.InformationalResponse | None = None
+        # The one timer (see the module docstring): `_deadline` is what the current wait may
+        # last until (None: nothing waits), `_timer` fires at or before it.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # the deadline `_timer` was set for (TimerHandle.when() rounds)
+        self._deadline: float | None = None
+        self._timed_out = False
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, *, timeout: float, server: str | None = None
+        cls,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        server: str | None = None,
+        codec: str | None = None,
     ) -> OriginConnection:
         label = server or f"{host}:{port}"
+        codec_factory(codec or DEFAULT_CODEC)  # an unknown name fails before connecting
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -240,25 +381,69 @@ class OriginConnection:
             # asyncio replaces strerror with "Connect call failed (addr)"; the errno text is clearer.
             why = os.strerror(e.errno) if e.errno else str(e)
             raise OriginConnectError(f"connect to {label} failed: {why}") from None
-        return cls(proto, label)
+        return cls(proto, label, codec=codec)
 
-    # -- parser seam: everything h11-specific on the wire path goes through these three ----------
+    # -- parser seam: every codec call on the wire path goes through these three ---------------
 
     def _encode(self, event: Any) -> bytes:
-        return self._h11.send(event) or b""
+        return self._codec.send(event) or b""
 
     def _feed(self, data: bytes) -> None:
-        self._h11.receive_data(data)
+        self._codec.receive_data(data)
 
     def _next_event(self) -> Any:
         try:
-            return self._h11.next_event()
+            return self._codec.next_event()
         except h11.RemoteProtocolError as e:
             if self._in_head_phase:
                 if self._proto.bytes_received == self._rx_mark:
                     raise self._reset_error() from None
                 raise OriginProtocolError(f"bad response from {self.server}: {e}") from None
             raise BodyError(f"broken response body from {self.server}: {e}") from None
+
+    # -- timeouts ------------------------------------------------------------------------------
+
+    async def _wait(self, deadline: float, *, writable: bool = False) -> bool:
+        """Sleep until the socket side wakes us (data, EOF, loss; with `writable`, also the
+        transport taking more) or until `deadline`; False if the deadline woke us.
+
+        Callers come here only when the bytes they need are not buffered (or the transport is
+        paused): everything that can be done with what has arrived is done without a future.
+        Costs one clock read by the caller and, usually, no timer operation: the armed timer is
+        kept when it is due before `deadline` (see `_on_timer`).
+        """
+        self._deadline = deadline
+        self._timed_out = False
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+        try:
+            if writable:
+                await self._proto.wait_event_while_paused()
+            else:
+                await self._proto.wait_readable()
+        finally:
+            self._deadline = None
+        timed_out = self._timed_out
+        self._timed_out = False
+        return not timed_out
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # armed for a wait that has ended; the next one arms it again
+        if self._loop.time() + _TIMER_SLACK >= deadline:
+            self._deadline = None
+            self._timed_out = True
+            self._proto.wake_waiters()
+        else:
+            # Armed for an earlier request's deadline; the current one is later.
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -270,6 +455,7 @@ class OriginConnection:
     def reusable(self) -> bool:
         """Idle, in a clean state, and nothing unexpected arrived from the origin."""
         t = self._proto.transport
+        codec = self._codec
         return (
             not self._busy
             and not self.closed
@@ -277,9 +463,9 @@ class OriginConnection:
             and t is not None
             and not t.is_closing()
             and not self._proto.readable
-            and self._h11.our_state is h11.IDLE
-            and self._h11.their_state is h11.IDLE
-            and not self._h11.trailing_data[0]
+            and codec.our_state is h11.IDLE
+            and codec.their_state is h11.IDLE
+            and not codec.trailing_data[0]
         )
 
     @property
@@ -299,6 +485,9 @@ class OriginConnection:
     def close(self) -> None:
         self._closed = True
         self._proto.on_event = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._proto.close()
 
     async def wait_closed(self) -> None:
@@ -324,7 +513,9 @@ class OriginConnection:
         `head.headers` must already be free of hop-by-hop headers and Host; `Host` is sent first
         from `head.authority` (the server address if empty). Framing follows `body_length`: 0 = no
         body (not read at all), N = Content-Length N, None = chunked. Exceptions raised by
-        `body.read()` (the client's upload broke) propagate unchanged.
+        `body.read()` (the client's upload broke) propagate unchanged. A request that cannot be
+        forwarded as it is (a field with CR, LF or NUL, a bad method or target) raises
+        HTTPError(400).
 
         `read_timeout` also bounds how long the origin may stop reading the request body
         (-> OriginTimeout). On any exception the connection is closed and `on_done` called.
@@ -355,26 +546,22 @@ class OriginConnection:
     async def _send(
         self, head: RequestHead, body: Body, body_length: int | None, stall_timeout: float
     ) -> None:
-        headers = [(b"host", head.authority or self.server.encode())]
-        headers += [(k, v) for k, v in head.headers if k.lower() not in _DROPPED_REQUEST_HEADERS]
-        if body_length is None:
-            headers.append((b"transfer-encoding", b"chunked"))
-        elif body_length > 0 or head.method in _CONTENT_METHODS:
-            headers.append((b"content-length", str(body_length).encode()))
+        request = _request_event(head, head.authority or self._host, body_length)
         self._rx_mark = self._proto.bytes_received
         self._in_head_phase = True
         self._early_head = None
         try:
-            data = self._encode(
-                h11.Request(method=head.method, target=head.target, headers=headers)
-            )
+            data = self._encode(request)
         except h11.LocalProtocolError as e:
             raise HTTPError(400, f"request cannot be forwarded: {e}") from None
+        if body_length == 0:
+            # The whole request in one write (one send() system call, one TCP segment).
+            data += self._encode(_EOM)
+            if not self._proto.write(data):
+                raise self._reset_error()
+            return
         if not self._proto.write(data):
             raise self._reset_error()
-        if body_length == 0:
-            self._proto.write(self._encode(h11.EndOfMessage()))
-            return
         sent = 0
         while True:
             if not await self._wait_writable(stall_timeout):
@@ -388,7 +575,9 @@ class OriginConnection:
             self._proto.write(self._encode(h11.Data(data=chunk)))
         if body_length is not None and sent != body_length:
             raise BodyError(f"request body ended after {sent} of {body_length} bytes")
-        self._proto.write(self._encode(h11.EndOfMessage()))
+        end = self._encode(_EOM)
+        if end:  # b"" after a Content-Length body: nothing to write
+            self._proto.write(end)
 
     async def _wait_writable(self, stall_timeout: float) -> bool:
         """Wait until the transport takes more; False if the origin refused the body or went away.
@@ -397,31 +586,29 @@ class OriginConnection:
         reading; watching for that keeps us from sending into a socket nobody drains
         (RFC 9112 section 9.5). An early non-error response is kept and the body still sent.
         """
-        try:
-            async with asyncio.timeout(stall_timeout):
-                while True:
-                    if (
-                        self._early_head is None
-                        and self._proto.readable
-                        and self._check_early_response()
-                    ):
-                        return False
-                    if self._proto.lost:
-                        return False
-                    if not self._proto.write_paused:
-                        return True
-                    await self._proto.wait_event_while_paused()
-        except TimeoutError:
-            raise OriginTimeout(
-                f"{self.server} stopped reading the request body for {stall_timeout:g}s"
-            ) from None
+        deadline: float | None = None
+        timed_out = False
+        while True:
+            if self._early_head is None and self._proto.readable and self._check_early_response():
+                return False
+            if self._proto.lost:
+                return False
+            if not self._proto.write_paused:
+                return True
+            if timed_out:
+                raise OriginTimeout(
+                    f"{self.server} stopped reading the request body for {stall_timeout:g}s"
+                )
+            if deadline is None:
+                deadline = self._loop.time() + stall_timeout
+            timed_out = not await self._wait(deadline, writable=True)
 
     def _check_early_response(self) -> bool:
         """Parse what arrived while sending; True if sending the body should stop: an error
         response or one closing the connection has arrived, or the origin hung up."""
         while True:
             ev = self._pump_nowait()
-            if ev is h11.NEED_DATA:
+            if ev is _NEED_DATA:
                 return self._proto.eof
             if isinstance(ev, h11.InformationalResponse) and ev.status_code != 101:
                 continue
@@ -432,14 +619,14 @@ class OriginConnection:
             raise OriginProtocolError(f"unexpected {type(ev).__name__} from {self.server}")
 
     def _pump_nowait(self) -> Any:
-        """Next h11 event using only bytes already received; NEED_DATA if more are needed."""
+        """Next codec event using only bytes already received; NEED_DATA if more are needed."""
         while True:
             ev = self._next_event()
-            if ev is not h11.NEED_DATA:
+            if ev is not _NEED_DATA:
                 return ev
             chunk = self._proto.take()
             if chunk is None or (not chunk and self._eof_fed):
-                return h11.NEED_DATA
+                return _NEED_DATA
             if not chunk:
                 if self._in_head_phase and self._proto.bytes_received == self._rx_mark:
                     raise self._reset_error()
@@ -447,56 +634,61 @@ class OriginConnection:
             self._feed(chunk)
 
     async def _receive_head(self, timeout: float) -> ResponseHead:
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    if self._early_head is not None:
-                        ev: Any = self._early_head
-                        self._early_head = None
-                    else:
-                        ev = self._pump_nowait()
-                    if ev is h11.NEED_DATA:
-                        if self._eof_fed:
-                            raise OriginProtocolError(
-                                f"{self.server} closed the connection mid-head"
-                            )
-                        await self._proto.wait_readable()
-                        continue
-                    if isinstance(ev, h11.InformationalResponse):
-                        if ev.status_code != 101:
-                            continue  # 100 Continue, 102, 103: nothing the client needs from us
-                    elif not isinstance(ev, h11.Response):
-                        raise OriginProtocolError(
-                            f"unexpected {type(ev).__name__} from {self.server}"
-                        )
-                    self._in_head_phase = False
-                    return ResponseHead(ev.status_code, list(ev.headers), bytes(ev.reason))
-        except TimeoutError:
-            raise OriginTimeout(
-                f"{self.server} sent no response head within {timeout:g}s"
-            ) from None
+        # One deadline for the whole head, as an asyncio.timeout scope around this loop would
+        # give; the clock is read only if we have to wait at all.
+        deadline: float | None = None
+        timed_out = False
+        while True:
+            if self._early_head is not None:
+                ev: Any = self._early_head
+                self._early_head = None
+            else:
+                ev = self._pump_nowait()
+            if ev is _NEED_DATA:
+                if self._eof_fed:
+                    raise OriginProtocolError(f"{self.server} closed the connection mid-head")
+                if timed_out:
+                    raise OriginTimeout(f"{self.server} sent no response head within {timeout:g}s")
+                if deadline is None:
+                    deadline = self._loop.time() + timeout
+                timed_out = not await self._wait(deadline)
+                continue
+            etype = type(ev)
+            if etype is h11.InformationalResponse:
+                if ev.status_code != 101:
+                    continue  # 100 Continue, 102, 103: nothing the client needs from us
+            elif etype is not h11.Response:
+                raise OriginProtocolError(f"unexpected {etype.__name__} from {self.server}")
+            self._in_head_phase = False
+            items = ev.headers._full_items
+            if self._copy_fields:
+                headers = [(bytes(name), bytes(value)) for _, name, value in items]
+            else:
+                headers = [(name, value) for _, name, value in items]
+            return ResponseHead(ev.status_code, headers, bytes(ev.reason))
 
     async def _receive_body(self, timeout: float) -> bytes | None:
         """Next body chunk, or None at the end of the message."""
+        timed_out = False
         while True:
             ev = self._pump_nowait()
-            if ev is h11.NEED_DATA:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self._proto.wait_readable()
-                except TimeoutError:
+            if ev is _NEED_DATA:
+                if timed_out:
                     raise BodyError(
                         f"{self.server} stalled for more than {timeout:g}s within the response body"
-                    ) from None
+                    )
+                # A fresh allowance per wait: this bounds a stall, not the whole body.
+                timed_out = not await self._wait(self._loop.time() + timeout)
                 continue
-            if isinstance(ev, h11.Data):
+            etype = type(ev)
+            if etype is h11.Data:
                 if ev.data:
                     return bytes(ev.data)
                 continue
-            if isinstance(ev, h11.EndOfMessage):
+            if etype is h11.EndOfMessage:
                 self._finish_cycle()
                 return None
-            raise BodyError(f"unexpected {type(ev).__name__} in response body from {self.server}")
+            raise BodyError(f"unexpected {etype.__name__} in response body from {self.server}")
 
     def _receive_body_nowait(self, limit: int) -> bool:
         """Consume what is already buffered; True if that reached the end of the message."""
@@ -515,22 +707,22 @@ class OriginConnection:
     def _finish_cycle(self) -> None:
         self._busy = False
         self.requests_completed += 1
-        if (
-            self._h11.our_state is h11.DONE
-            and self._h11.their_state is h11.DONE
-            and not self.closed
-        ):
-            self._h11.start_next_cycle()
+        codec = self._codec
+        if codec.our_state is h11.DONE and codec.their_state is h11.DONE and not self.closed:
+            codec.start_next_cycle()
 
     def _detach_leftover(self) -> bytes:
         self.detached = True
         self._busy = False
         self._proto.on_event = None
-        return self._h11.trailing_data[0]
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return self._codec.trailing_data[0]
 
     @property
     def switched(self) -> bool:
-        return self._h11.their_state is h11.SWITCHED_PROTOCOL
+        return self._codec.their_state is h11.SWITCHED_PROTOCOL
 
 
 def _noop(_conn: OriginConnection) -> None:
