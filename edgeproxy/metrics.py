@@ -75,7 +75,8 @@ class Gauge(Counter):
     kind = "gauge"
 
     def set(self, *labels: str, value: float) -> None:
-        self.values[self._key(labels)] = value
+        key = labels if len(labels) == len(self.labels) else self._key(labels)
+        self.values[key] = value
 
     def dec(self, *labels: str, amount: float = 1.0) -> None:
         self.inc(*labels, amount=-amount)

@@ -6,7 +6,6 @@ origin (Via, X-Forwarded-*, Forwarded) and on the way back (X-Edge-Pop, X-Reques
 
 from __future__ import annotations
 
-import ipaddress
 import os
 
 from .messages import Headers, RequestHead, header_list
@@ -37,14 +36,17 @@ def strip_hop_by_hop(headers: Headers, *, keep: frozenset[bytes] = frozenset()) 
 
 
 def _forwarded_node(host: str, port: int = 0) -> str:
-    """An RFC 7239 node: IPv6 in brackets and quoted, ports kept only when known."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return '"' + host.replace('"', "") + '"' if host else "unknown"
-    if ip.version == 6:
-        return f'"[{ip}]:{port}"' if port else f'"[{ip}]"'
-    return f'"{ip}:{port}"' if port else str(ip)
+    """An RFC 7239 node: IPv6 in brackets and quoted, ports kept only when known, names (our PoP
+    id) as quoted obfuscated identifiers. `host` is a socket peer address or a PoP id, so telling
+    them apart by shape is enough (no ipaddress parse on the hot path)."""
+    if not host:
+        return "unknown"
+    if ":" in host:
+        return f'"[{host}]:{port}"' if port else f'"[{host}]"'
+    if host.replace(".", "").isdigit() and host.count(".") == 3:
+        return f'"{host}:{port}"' if port else host
+    return '"' + host.replace('"', "") + '"'
+
 
 
 def origin_request_headers(head: RequestHead, pop_id: str, *, upgrade: bool = False) -> Headers:
