@@ -5,11 +5,16 @@
   edgeproxy-lab status [--json]                           BGP sessions, best path, PoP health, impairments
   edgeproxy-lab flap   --method withdraw|localpref|link|ecmp --pop p1 [--schedule once|periodic:5s|random:SEED:MEAN]
   edgeproxy-lab exec   NODE -- CMD...                     run a command in a node's namespace
+  edgeproxy-lab load   [--h3 N --h1 M --streams K --rate R --duration S] [--out DIR]
+                                                          HTTP/3 + HTTP/1.1 load from the clients, survival summary
+  edgeproxy-lab drain  POP [--no-restart]                 drain a PoP (today: graceful stop + restart)
+  edgeproxy-lab demo   [--duration S] [--report DIR] [--no-survival]
+                                                          up, load + flaps + a drain, report, down; exit 1 on any loss
   edgeproxy-lab down   [--keep-logs]                      remove exactly what `up` recorded
 
 `up` keeps its state in /run/edgeproxy-lab/<run-id> (or --state-dir); the other commands find the
-lab by --run-id / --state-dir, or take the only one running. `load`, `drain` and `demo` are not
-built yet and exit with status 2.
+lab by --run-id / --state-dir, or take the only one running. `load`, `drain` and `demo` live in
+lab/demo.py (load generator lab/load.py, report lab/report.py, drain lab/load_drain.py).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from .state import BASE_DIR, LAB_FILE, StateDir
 from .topology import DEFAULT_TOPOLOGY, TopologyError
 
 COMMANDS = ("check", "up", "down", "status", "flap", "exec", "load", "drain", "demo")
-NOT_BUILT = ("load", "drain", "demo")
+NOT_BUILT: tuple[str, ...] = ()  # load, drain, demo: lab/demo.py
 
 
 def _err(msg: str) -> int:
@@ -94,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_where(ex)
     ex.add_argument("node")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
-    for name in NOT_BUILT:
-        sub.add_parser(name, help="not built yet")
+    from .demo import add_subcommands
+
+    add_subcommands(sub, _add_where)
     return parser
 
 
@@ -151,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             return _check(args)
         if args.command == "up":
             return _up(args)
+        if args.command in ("load", "drain", "demo"):
+            from .demo import run_subcommand
+
+            return run_subcommand(args, _find_state)
         state = _find_state(args)
         if args.command == "down":
             from .netns import down
