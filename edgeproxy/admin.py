@@ -3,6 +3,10 @@
   GET  /healthz                         200 {"status": "ok", ...}, 503 while draining
   GET  /metrics                         Prometheus text format
   POST /cache/purge?url=URL[&prefix=1]  purge one URL (or every URL under a prefix); JSON result
+  GET  /steering[?limit=N&own=1]        TCP steering: kernel entries, sync lag, errors (own=1: this
+                                        PoP's published flows)
+  POST /steering/inject                 lab/tests only (steering.inject): JSON list of entries merged
+                                        as if replicated from their owners
 """
 
 from __future__ import annotations
@@ -29,10 +33,14 @@ class AdminServer:
         *,
         purge: Callable[[bytes, bool], int],
         status: Callable[[], dict[str, Any]],
+        steering: Callable[[dict[str, list[str]]], dict[str, Any]] | None = None,
+        steering_inject: Callable[[Any], dict[str, Any]] | None = None,
     ) -> None:
         self.metrics = metrics
         self._purge = purge
         self._status = status
+        self.steering = steering
+        self.steering_inject = steering_inject
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -66,6 +74,21 @@ class AdminServer:
             prefix = query.get("prefix", ["0"])[0] in ("1", "true", "yes")
             removed = sum(self._purge(u.encode("latin-1"), prefix) for u in urls)
             return 200, b"application/json", json.dumps({"purged": removed, "urls": urls, "prefix": prefix}).encode() + b"\n"
+        if parts.path == "/steering":
+            if method not in (b"GET", b"HEAD"):
+                return 405, b"application/json", b'{"error": "use GET"}\n'
+            info = self.steering(query) if self.steering is not None else {"enabled": False}
+            return 200, b"application/json", json.dumps(info).encode() + b"\n"
+        if parts.path == "/steering/inject":
+            if self.steering_inject is None:
+                return 404, b"application/json", b'{"error": "steering.inject is off"}\n'
+            if method != b"POST":
+                return 405, b"application/json", b'{"error": "use POST"}\n'
+            try:
+                result = self.steering_inject(json.loads(body))
+            except (ValueError, KeyError, TypeError) as e:
+                return 400, b"application/json", json.dumps({"error": str(e)}).encode() + b"\n"
+            return 200, b"application/json", json.dumps(result).encode() + b"\n"
         return 404, b"application/json", b'{"error": "no such endpoint: /healthz, /metrics, /cache/purge"}\n'
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

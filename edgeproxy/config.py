@@ -193,6 +193,126 @@ class LogSection:
 
 
 @dataclass
+class FleetSection:
+    key_file: str = ""
+    """Fleet key file (TOML, mode 0600, identical on every PoP): the secrets behind QUIC-LB
+    connection IDs, stateless reset tokens, session tickets and backhaul frame MACs. Empty means
+    `fleet-keys.toml` in pop.state_dir, created on first start (fine for a single PoP; copy one
+    file to every PoP of a fleet)."""
+
+
+@dataclass
+class QuicLBSection:
+    enabled: bool = True
+    """Issue QUIC-LB connection IDs naming this node (PoP, host, worker), so that any PoP can
+    route a QUIC packet to the node that owns its connection; off means random CIDs and no
+    cross-PoP routing."""
+    config_id: int = 0
+    """QUIC-LB config rotation codepoint 0..6, the same on every PoP; change it together with
+    the primary fleet key (the CID key is derived from it)."""
+    encrypt: bool = True
+    """Encrypt CIDs with the fleet-derived QUIC-LB key; false uses the draft's plaintext
+    algorithm (server ID visible on the wire, linkable CIDs: for labs and debugging only)."""
+    pop_bits: int = 8
+    """Server-ID bits for the PoP index (the first field of the server ID)."""
+    host_bits: int = 4
+    """Server-ID bits for the host index within the PoP."""
+    worker_bits: int = 4
+    """Server-ID bits for the worker (process) index on the host."""
+    server_id_len: int = 0
+    """Server-ID octets; 0 means the fewest that hold pop_bits + host_bits + worker_bits."""
+    nonce_len: int = 5
+    """Nonce octets per CID (at least 4); CIDs are 1 + server_id_len + nonce_len octets long
+    (8 with the defaults)."""
+    pop_index: int = 0
+    """This PoP's index, unique in the fleet (below 2**pop_bits)."""
+    host_index: int = 0
+    """This host's index within its PoP (below 2**host_bits)."""
+
+
+@dataclass
+class BackhaulPeerSection:
+    name: str = ""
+    """The peer PoP's pop.id (its name in the flow table)."""
+    pop_index: int = 0
+    """The peer's quic_lb.pop_index."""
+    host_index: int = 0
+    """The peer's quic_lb.host_index."""
+    address: str = ""
+    """The peer's backhaul.listen address, host:port (worker i listens on port + i)."""
+
+
+@dataclass
+class BackhaulSection:
+    listen: str = ""
+    """UDP address (host:port) for QUIC datagrams and session tickets exchanged with other
+    PoPs; worker i of this host uses port + i. Empty disables the backhaul: packets of other
+    PoPs' connections are then dropped."""
+    workers: int = 1
+    """Worker processes per host on every PoP (each with its own backhaul port)."""
+    max_skew: float = 5.0
+    """Seconds a backhaul frame's timestamp may differ from this PoP's clock (replay bound)."""
+    flow_ttl: float = 30.0
+    """Seconds a published QUIC handshake (flow-table entry) is kept for other PoPs to find."""
+    peers: list[BackhaulPeerSection] = field(default_factory=list)
+    """The other PoPs (static membership; a PoP is alive until marked dead)."""
+
+
+@dataclass
+class TicketsSection:
+    enabled: bool = True
+    """Fleet-wide TLS session tickets: a ticket issued by any PoP resumes (with 0-RTT) at any
+    other, replicated over the backhaul. Off means no session resumption."""
+    max_tickets: int = 100000
+    """Tickets kept in memory per worker (oldest dropped first); they expire after 24 h."""
+    single_use: bool = True
+    """Accept each ticket once per worker (a reused ticket gets a full handshake): limits 0-RTT
+    replay at this PoP; other PoPs may still accept one replay each (see docs)."""
+
+
+@dataclass
+class SteeringSection:
+    """TCP steering (edgeproxy.steering): segments of TCP connections another PoP owns are sent
+    to that PoP over the backhaul by this PoP's kernel (nft map + policy routing)."""
+
+    enabled: bool = False
+    """Publish accepted TCP connections to the flow table and steer other PoPs' flows to them.
+    Needs CAP_NET_ADMIN (without it the PoP warns and runs without TCP survival)."""
+    min_age: float = 1.0
+    """Seconds a connection must stay open before it is published (short ones never are)."""
+    linger: float = 65.0
+    """Seconds a closed connection's entry is kept (covers FIN_WAIT/TIME_WAIT, 60 s on Linux)."""
+    ttl: float = 30.0
+    """Lifetime of a published entry; refreshed every ttl / 3 while the connection is open."""
+    mark: int = 0x4550000
+    """Base firewall mark: the peer PoP with index i (peers sorted by name, from 1) gets mark + i."""
+    table: int = 4550
+    """Base routing table id: peer i's route lives in table + i."""
+    rule_pref: int = 100
+    """ip rule priority of the mark rules; the local table's rule is moved to rule_pref + 1."""
+    backhaul_device: str = ""
+    """Interface facing the other PoPs (required when enabled)."""
+    mode: str = "route"
+    """`route`: plain next hop on a shared L2 backhaul; `vxlan`: a VXLAN device over it."""
+    vxlan_device: str = "epvx0"
+    """Name of the VXLAN device (vxlan mode)."""
+    vxlan_id: int = 4550
+    """VXLAN network identifier, the same on every PoP (vxlan mode)."""
+    vxlan_port: int = 4789
+    """VXLAN UDP port (vxlan mode)."""
+    peers: dict[str, str] = field(default_factory=dict)
+    """PoP id -> its IPv4 backhaul address, for every PoP of the fleet (this one may be listed:
+    it is skipped, and in vxlan mode its address is the VXLAN local address)."""
+    max_entries: int = 1048576
+    """Size of the kernel map (steered flows this PoP can hold)."""
+    batch_max: int = 20000
+    """Map updates per kernel transaction."""
+    inject: bool = False
+    """Lab and tests only: POST /steering/inject on the admin endpoint merges entries as if
+    replicated from their owners."""
+
+
+@dataclass
 class Config:
     pop: PopSection = field(default_factory=PopSection)
     listen: ListenSection = field(default_factory=ListenSection)
@@ -203,6 +323,11 @@ class Config:
     cache: CacheSection = field(default_factory=CacheSection)
     admin: AdminSection = field(default_factory=AdminSection)
     log: LogSection = field(default_factory=LogSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
+    quic_lb: QuicLBSection = field(default_factory=QuicLBSection)
+    backhaul: BackhaulSection = field(default_factory=BackhaulSection)
+    tickets: TicketsSection = field(default_factory=TicketsSection)
+    steering: SteeringSection = field(default_factory=SteeringSection)
     base_dir: str = field(default=".", metadata={"internal": True})
     """Directory relative paths in the file are resolved against (the config file's own)."""
 
@@ -339,6 +464,93 @@ def validate(cfg: Config) -> None:
         raise ConfigError("admin.listen", str(e)) from None
     if cfg.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", f"must be debug, info, warning or error, got {cfg.log.level!r}")
+    _validate_quic_fleet(cfg)
+    _validate_steering(cfg)
+
+
+def _validate_quic_fleet(cfg: Config) -> None:
+    from .quic.lb import MAX_PLAINTEXT_LEN, LBConfig, ServerIdLayout
+
+    q = cfg.quic_lb
+    for name in ("config_id", "pop_bits", "host_bits", "worker_bits", "server_id_len", "nonce_len", "pop_index", "host_index"):
+        _positive(f"quic_lb.{name}", getattr(q, name), zero_ok=True)
+    if q.config_id > 6:
+        raise ConfigError("quic_lb.config_id", f"must be 0..6 (7 marks unroutable CIDs), got {q.config_id}")
+    try:
+        layout = ServerIdLayout(q.pop_bits, q.host_bits, q.worker_bits, q.server_id_len)
+    except ValueError as e:
+        raise ConfigError("quic_lb.server_id_len", str(e)) from None
+    try:
+        LBConfig(q.config_id, layout.server_id_len, q.nonce_len)
+    except ValueError as e:
+        raise ConfigError("quic_lb.nonce_len", f"{e} (server_id_len + nonce_len <= {MAX_PLAINTEXT_LEN})") from None
+    for name, bits in (("pop_index", q.pop_bits), ("host_index", q.host_bits)):
+        if getattr(q, name) >= 1 << bits:
+            raise ConfigError(f"quic_lb.{name}", f"must be below 2**{name[:-6]}_bits = {1 << bits}, got {getattr(q, name)}")
+    b = cfg.backhaul
+    if b.listen:
+        try:
+            parse_hostport(b.listen)
+        except ValueError as e:
+            raise ConfigError("backhaul.listen", str(e)) from None
+    _positive("backhaul.workers", b.workers)
+    if b.workers > 1 << q.worker_bits:
+        raise ConfigError("backhaul.workers", f"must be at most 2**quic_lb.worker_bits = {1 << q.worker_bits}, got {b.workers}")
+    _positive("backhaul.max_skew", b.max_skew)
+    _positive("backhaul.flow_ttl", b.flow_ttl)
+    if b.peers and not b.listen:
+        raise ConfigError("backhaul.listen", "is needed to exchange datagrams with backhaul.peers")
+    seen: set[tuple[int, int]] = {(q.pop_index, q.host_index)}
+    for i, peer in enumerate(b.peers):
+        key = f"backhaul.peers[{i}]"
+        if not peer.name or not all(c.isalnum() or c in "-_." for c in peer.name):
+            raise ConfigError(f"{key}.name", f"must be the peer's pop.id, got {peer.name!r}")
+        for name, bits in (("pop_index", q.pop_bits), ("host_index", q.host_bits)):
+            value = getattr(peer, name)
+            if not 0 <= value < 1 << bits:
+                raise ConfigError(f"{key}.{name}", f"must be 0..{(1 << bits) - 1}, got {value}")
+        if (peer.pop_index, peer.host_index) in seen:
+            raise ConfigError(f"{key}.pop_index", f"PoP {peer.pop_index} host {peer.host_index} is listed twice (or is this PoP)")
+        seen.add((peer.pop_index, peer.host_index))
+        try:
+            parse_hostport(peer.address)
+        except ValueError as e:
+            raise ConfigError(f"{key}.address", str(e)) from None
+    _positive("tickets.max_tickets", cfg.tickets.max_tickets)
+    if (cfg.listen.quic or b.listen) and not cfg.fleet.key_file and not cfg.pop.state_dir:
+        raise ConfigError("fleet.key_file", "needed for quic/backhaul listeners when pop.state_dir is empty")
+
+
+def _validate_steering(cfg: Config) -> None:
+    import ipaddress
+
+    st = cfg.steering
+    for name in ("min_age", "linger"):
+        _positive(f"steering.{name}", getattr(st, name), zero_ok=True)
+    for name in ("ttl", "max_entries", "batch_max"):
+        _positive(f"steering.{name}", getattr(st, name))
+    if st.mode not in ("route", "vxlan"):
+        raise ConfigError("steering.mode", f"must be 'route' or 'vxlan', got {st.mode!r}")
+    if not isinstance(st.peers, dict):
+        raise ConfigError("steering.peers", "expected a table of pop = \"address\"")
+    for name, addr in st.peers.items():
+        try:
+            ipaddress.IPv4Address(addr if isinstance(addr, str) else "-")
+        except ValueError:
+            raise ConfigError(f"steering.peers.{name}", f"must be an IPv4 address, got {addr!r}") from None
+    if not 0 < st.mark <= 0xFFFFFFFF - len(st.peers):
+        raise ConfigError("steering.mark", f"must be 1..2**32 - 1 - len(peers), got {st.mark}")
+    used = range(st.table + 1, st.table + len(st.peers) + 1)
+    if not 0 < st.table < 0x7FFFFFFF - len(st.peers) or any(t in used for t in (253, 254, 255)):
+        raise ConfigError("steering.table", f"tables table+1 .. table+len(peers) must be below 2**31 and avoid 253-255, got {st.table}")
+    if not 0 < st.rule_pref < 32765:
+        raise ConfigError("steering.rule_pref", f"must be 1..32764, got {st.rule_pref}")
+    if not 0 <= st.vxlan_id < 1 << 24:
+        raise ConfigError("steering.vxlan_id", f"must be 0..16777215, got {st.vxlan_id}")
+    if not 0 < st.vxlan_port < 65536:
+        raise ConfigError("steering.vxlan_port", f"must be 1..65535, got {st.vxlan_port}")
+    if st.enabled and not st.backhaul_device:
+        raise ConfigError("steering.backhaul_device", "is required when steering is enabled")
 
 
 def config_from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:

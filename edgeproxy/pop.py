@@ -1,5 +1,10 @@
 """One PoP worker process: wires listeners, the pipeline, origin groups, TLS and the admin endpoint
 from a `Config`, and shuts them down in order (stop accepting, finish requests, close origins).
+
+QUIC in an anycast fleet: the worker's QUIC-LB identity (`quic.identity`), the static membership
+and backhaul socket (`quic.backhaul`), the flow table (`gossip.flowtable`, local until gossip
+replicates it) and the fleet ticket store (`quic.tickets`) are set up on first use and shared by
+every QUIC listener of the worker.
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ from .http.semantics import alt_svc_value
 from .metrics import Registry
 from .origin.group import OriginGroup
 from .pipeline import Pipeline
-from .quic.dispatcher import QuicDispatcher, start_quic_server
+from .quic.backhaul import Backhaul, Peer, StaticMembership
+from .quic.dispatcher import FleetRouting, FlowLookup, QuicDispatcher, start_quic_server
+from .quic.identity import ServerIdentity, build_identity, load_fleet_keys, node_name
+from .quic.tickets import FleetTicketStore
+from .steering.service import Steering
 from .tlsutil import CertStore, ensure_self_signed
 
 log = logging.getLogger("edgeproxy.pop")
 
 
 class Pop:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker: int = 0) -> None:
         self.config = config
+        self.worker = worker
         self.metrics = Registry()
         self.started_at = time.time()
         self.draining = False
@@ -41,7 +51,17 @@ class Pop:
         self.h1 = H1Server(self.pipeline, config.limits, self.metrics, scheme="http", parser=config.http1.parser)
         self.h1s = H1Server(self.pipeline, config.limits, self.metrics, scheme="https", parser=config.http1.parser)
         self.quic: list[QuicDispatcher] = []
+        # Fleet QUIC state, created by _ensure_fleet; `flows` may be set before start().
+        self.identity: ServerIdentity | None = None
+        self.membership: StaticMembership | None = None
+        self.flows: FlowLookup | None = None
+        self.backhaul: Backhaul | None = None
+        self.tickets: FleetTicketStore | None = None
+        self._fleet: FleetRouting | None = None
+        # TCP steering (config [steering]); created in start() when enabled.
+        self.steering: Steering | None = None
         self.admin = AdminServer(self.metrics, purge=self.pipeline.purge, status=self.status)
+        self.admin.steering = self.steering_status
         self.certs: CertStore | None = None
         self._quic_config: QuicConfiguration | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -91,6 +111,8 @@ class Pop:
         cfg = self.config
         for group in self.groups.values():
             await group.start()
+        if cfg.steering.enabled:
+            await self._start_steering()
         if cfg.listen.https or cfg.listen.quic:
             self.certs = CertStore(self._cert_pairs())
         for addr in cfg.listen.http:
@@ -104,9 +126,9 @@ class Pop:
             self.addresses["https"].append(server.sockets[0].getsockname()[:2])
         for addr in cfg.listen.quic:
             host, port = parse_hostport(addr)
-            dispatcher = await start_quic_server(host, port, self.quic_configuration, self.pipeline, cfg.limits, self.metrics)
-            self.quic.append(dispatcher)
-            self.addresses["quic"].append(dispatcher.local_address)
+            await self.start_quic(host, port)
+        if cfg.backhaul.listen:
+            await self._ensure_fleet()
         if self.quic:  # advertise the port actually bound (the config may say 0)
             self.pipeline.alt_svc = alt_svc_value(self.addresses["quic"][0][1])
         host, port = parse_hostport(cfg.admin.listen, default_host="127.0.0.1")
@@ -116,6 +138,107 @@ class Pop:
         if self.certs is not None:
             self._tasks.append(loop.create_task(self._reload_loop()))
         self._tasks.append(loop.create_task(self._flush_loop()))
+
+    # -- QUIC in the fleet --------------------------------------------------------------------------
+
+    async def _ensure_fleet(self) -> FleetRouting:
+        """Fleet keys, QUIC-LB identity, membership, backhaul, flow table and ticket store."""
+        if self._fleet is not None:
+            return self._fleet
+        cfg = self.config
+        keys = load_fleet_keys(cfg)
+        q, b = cfg.quic_lb, cfg.backhaul
+        identity = build_identity(q, keys, self.worker)
+        peers = [Peer(p.name, p.pop_index, p.host_index, parse_hostport(p.address)) for p in b.peers]
+        membership = StaticMembership(node=identity.node, name=cfg.pop.id, listen=None, workers=b.workers, peers=peers)
+        if b.listen:
+            host, port = parse_hostport(b.listen)
+            self.backhaul = Backhaul(keys=keys, sender=identity.sender, membership=membership, metrics=self.metrics, max_skew=b.max_skew)
+            bound = await self.backhaul.start(host, port + self.worker if port else 0)
+            # Worker 0's address, from which sibling workers' ports follow; a wildcard address
+            # is reached through loopback.
+            sibling_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+            membership.set_listen((sibling_host, bound[1] - self.worker))
+            self.addresses.setdefault("backhaul", []).append(bound)
+        if cfg.tickets.enabled:
+            self.tickets = FleetTicketStore(keys, max_tickets=cfg.tickets.max_tickets, single_use=cfg.tickets.single_use, metrics=self.metrics)
+            if self.backhaul is not None:
+                self.tickets.set_replicator(self.backhaul.broadcast_ticket)
+                self.backhaul.set_ticket_receiver(self.tickets.receive_replica)
+        name = node_name(cfg.pop.id, q.host_index, self.worker)
+        if self.flows is None:
+            from gossip.flowtable import FlowTable
+
+            self.flows = FlowTable(name, initial_version=time.time_ns() // 1000)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._flow_expiry_loop()))
+        self.identity = identity
+        self.membership = membership
+        self._fleet = FleetRouting(
+            identity=identity if q.enabled else None,
+            membership=membership,
+            flows=self.flows,
+            flow_name=name,
+            flow_ttl=b.flow_ttl,
+            backhaul=self.backhaul,
+            session_ticket_fetcher=self.tickets.fetch if self.tickets is not None else None,
+            session_ticket_handler=self.tickets.add if self.tickets is not None else None,
+        )
+        return self._fleet
+
+    async def _flow_expiry_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(5.0)
+            expire = getattr(self.flows, "expire", None)
+            if expire is not None:
+                expire(loop.time())
+
+    async def start_quic(self, host: str, port: int, *, transport: asyncio.DatagramTransport | None = None) -> QuicDispatcher:
+        """An HTTP/3 listener on (host, port), or on an injected client-facing `transport` (the
+        test fabric's simulated anycast socket)."""
+        cfg = self.config
+        if self.certs is None:
+            self.certs = CertStore(self._cert_pairs())
+        fleet = await self._ensure_fleet()
+        dispatcher = await start_quic_server(
+            host, port, self.quic_configuration, self.pipeline, cfg.limits, self.metrics,
+            reuse_port=cfg.backhaul.workers > 1, fleet=fleet, transport=transport,
+        )
+        if self.backhaul is not None:
+            self.backhaul.add_dispatcher(dispatcher)
+        self.quic.append(dispatcher)
+        self.addresses["quic"].append(dispatcher.local_address)
+        return dispatcher
+
+    # -- TCP steering -------------------------------------------------------------------------
+
+    async def _start_steering(self) -> None:
+        """Publishes accepted TCP connections to the flow table and projects other PoPs' flows
+        into the kernel; without CAP_NET_ADMIN it warns and the PoP runs without TCP survival."""
+        from gossip.flowtable import FlowTable
+
+        from .steering.service import inject
+
+        cfg = self.config
+        if self.flows is None:
+            self.flows = FlowTable(node_name(cfg.pop.id, cfg.quic_lb.host_index, self.worker),
+                                   initial_version=time.time_ns() // 1000)
+        if not isinstance(self.flows, FlowTable):
+            log.warning("steering: the flow table is not a gossip.flowtable.FlowTable; steering off")
+            return
+        table = self.flows
+        self.steering = Steering(cfg.steering, cfg.pop.id, table, state_dir=cfg.path(cfg.pop.state_dir))
+        await self.steering.start()
+        self.h1.connection_observer = self.steering.publisher
+        self.h1s.connection_observer = self.steering.publisher
+        if cfg.steering.inject:
+            loop = asyncio.get_running_loop()
+            self.admin.steering_inject = lambda items: inject(table, list(items), loop.time())
+
+    def steering_status(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        if self.steering is None:
+            return {"enabled": False}
+        return self.steering.status(query)
 
     def status(self) -> dict[str, Any]:
         groups = {name: g.status() for name, g in self.groups.items()}
@@ -130,6 +253,10 @@ class Pop:
         """Graceful: stop accepting, let requests in flight finish (up to `grace`), then close."""
         self.draining = True
         await asyncio.gather(self.h1.close(grace), self.h1s.close(grace), *(q.close() for q in self.quic))
+        if self.steering is not None:
+            await self.steering.stop()
+        if self.backhaul is not None:
+            await self.backhaul.close()
         await self.pipeline.close()
         for group in self.groups.values():
             await group.close()

@@ -128,7 +128,7 @@ def edgeproxy_pop_config(plan: LabPlan, pop: str, run_dir: str, *, with_workers:
         with_workers = edgeproxy_supports("workers")
     if with_workers:
         pop_section["workers"] = node.workers
-    return {
+    out: dict[str, Any] = {
         "pop": pop_section,
         "listen": {"http": [f"{anycast}:80"], "https": [f"{anycast}:443"], "quic": [f"{anycast}:443"]},
         "origin_groups": [{
@@ -140,6 +140,32 @@ def edgeproxy_pop_config(plan: LabPlan, pop: str, run_dir: str, *, with_workers:
         }],
         "admin": {"listen": f"{p.backhaul_addr}:{ADMIN_PORT}"},
         "log": {"access_log": f"{run_dir}/{pop}/access.log", "level": "info"},
+    }
+    if edgeproxy_has_section("steering"):
+        out["steering"] = steering_section(plan, pop)
+    return out
+
+
+def edgeproxy_has_section(name: str) -> bool:
+    try:
+        from edgeproxy.config import Config
+    except ImportError:  # pragma: no cover - edgeproxy is part of this repository
+        return False
+    return name in {f.name for f in dataclasses.fields(Config)}
+
+
+def steering_section(plan: LabPlan, pop: str) -> dict[str, Any]:
+    """TCP steering over the shared backhaul bridge (plain routing): every PoP's backhaul address;
+    connections are published after 0.3 s; /steering/inject is on so tests can stand in for
+    flow-table replication."""
+    p = plan.nodes[pop]
+    return {
+        "enabled": True,
+        "min_age": 0.3,
+        "backhaul_device": p.backhaul_if,
+        "mode": "route",
+        "peers": {q.name: q.backhaul_addr for q in plan.pops()},
+        "inject": True,
     }
 
 

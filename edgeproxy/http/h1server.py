@@ -87,6 +87,14 @@ class Tunnel(Protocol):
     def close(self) -> None: ...
 
 
+class ConnectionObserver(Protocol):
+    """Told about accepted client connections (TCP steering publishes the long-lived ones)."""
+
+    def opened(self, local: Any, peer: Any) -> None: ...
+
+    def closed(self, local: Any, peer: Any) -> None: ...
+
+
 class _Close(Exception):
     """The connection ends here (peer went away, timeout, or a response that closes it)."""
 
@@ -257,6 +265,7 @@ class H1Protocol(asyncio.Protocol):
         self._cork: list[bytes] = []
         self._corked = False  # a flush of _cork is scheduled for the end of this tick
         self._cork_size = 0
+        self._observed: tuple[Any, Any] | None = None  # (local, peer) told to the observer
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -276,6 +285,14 @@ class H1Protocol(asyncio.Protocol):
         server.conn_total.inc(server.protocol)
         server.conn_open.inc(server.protocol)
         self._arm(self.limits.idle_timeout, self._on_idle)
+        observer = server.connection_observer
+        if observer is not None:
+            try:
+                local = transport.get_extra_info("sockname")
+                observer.opened(local, peer)
+                self._observed = (local, peer)
+            except Exception:  # an observer never breaks a connection
+                log.exception("connection observer failed")
 
     def data_received(self, data: bytes) -> None:
         self.server.bytes_in.inc(amount=len(data))
@@ -320,6 +337,12 @@ class H1Protocol(asyncio.Protocol):
         if self in server.connections:
             server.connections.discard(self)
             server.conn_open.dec(server.protocol)
+        if self._observed is not None and server.connection_observer is not None:
+            try:
+                server.connection_observer.closed(*self._observed)
+            except Exception:
+                log.exception("connection observer failed")
+            self._observed = None
         if self.task is not None and not self.task.done() and self._tunnel is None:
             self.task.cancel()  # the client is gone: stop the origin fetch it was waiting for
 
@@ -689,6 +712,7 @@ class H1Server:
         *,
         scheme: str = "http",
         parser: str = "httptools",
+        connection_observer: ConnectionObserver | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits
@@ -697,6 +721,8 @@ class H1Server:
         self.protocol = "https" if scheme == "https" else "http"
         self.connections: set[H1Protocol] = set()
         self.closing = False
+        # Told about every accepted connection: `opened(local, peer)` / `closed(local, peer)`.
+        self.connection_observer: ConnectionObserver | None = connection_observer
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         # Deadline checks run this often: a tenth of the shortest timeout, within [10 ms, 1 s].

@@ -1,23 +1,54 @@
-"""edgeproxy's QUIC datagram dispatcher: one UDP socket in front of many aioquic connections.
+"""edgeproxy's QUIC datagram dispatcher: one client-facing UDP socket in front of many aioquic
+connections, and one PoP's share of the fleet-wide routing of QUIC by connection ID.
 
 Split in two, following the house rule of sans-IO cores:
 
-* `Router` is pure. Given a datagram, the client address and the time it decides what to do with
-  it - deliver to a known connection, accept a new one, answer Version Negotiation or drop it
-  with a named reason - using its connection table (connection ID -> handle). It never touches a
-  socket, so QUIC-LB decoding, cross-PoP forwarding and stateless resets can later be added as
-  more actions without changing the shell.
-* `QuicDispatcher` is the asyncio shell. It owns the socket, executes the actions, creates
-  `EdgeQuicConnection`s itself (not aioquic's `QuicServer`) and keeps the router's table in step
-  with the connection IDs aioquic issues and retires. Its `datagram_received(data, addr)` is also
-  the entry point for datagrams forwarded over the backhaul.
+* `Router` is pure. Given a datagram, the client address, the time and whether the datagram
+  arrived over the backhaul, it decides what to do with it: deliver to a known connection,
+  accept a new one, forward it to the PoP (or worker) that owns it, answer with a stateless
+  reset or Version Negotiation, or drop it with a named reason. It reads its connection table,
+  the QUIC-LB identity (`RoutingIdentity`), fleet membership (`Membership`) and the replicated
+  flow table (`FlowLookup`) but never touches a socket and never writes shared state.
+* `QuicDispatcher` is the asyncio shell. It executes the actions, creates `EdgeQuicConnection`s
+  itself (not aioquic's `QuicServer`) and keeps the router's table in step with the connection
+  IDs aioquic issues and retires. Its client-facing transport is injected: in production its
+  own UDP socket bound to the anycast address (`start_quic_server`), in tests a shared "fabric"
+  socket that simulates anycast. `datagram_received(data, addr)` is the socket's entry point,
+  `forwarded_received(...)` the backhaul's: a forwarded datagram is processed as if it had come
+  from the client's own address, so the connection answers the client directly from the
+  anycast socket and sees no address change.
+
+Routing rules (first match wins; see the reference notes, sections 1.3 and 2):
+
+1. Known DCID -> the local connection.
+2. Initial or 0-RTT whose DCID is not known here (client-chosen, or a server-chosen one of a
+   connection whose Initial went elsewhere): a DCID that decodes to another live node is
+   forwarded to it; else the flow table entry of ``quic_initial_key(client, dcid)`` names the
+   PoP that accepted the handshake; else an Initial is accepted here (and the shell publishes
+   the flow key) and a 0-RTT packet is dropped. A forwarded Initial is always accepted by the
+   node it was forwarded to: it never travels twice.
+3. Any other packet is routed by its DCID, a CID some node of the fleet issued:
+   our own server ID but no connection -> drop (``unknown_local_cid``; kept simple: no reset
+   even though the connection is surely gone, which spares a restarted node from resetting
+   CIDs of its previous incarnation that a sibling may be handling); another node's ->
+   forward if the owner is alive, a stateless reset (short headers only, smaller than the
+   trigger, so never an amplifier) if membership says it is dead (a signal an attacker cannot
+   influence, RFC 9000 section 21.11), drop ``unknown_server`` if its liveness is unknown; an
+   unroutable DCID -> the flow table's DCID entry, else drop ``unroutable_cid``.
+4. A datagram that arrived over the backhaul is never forwarded again
+   (``dropped_forward_loop``), whatever the tables say.
+
+Without a `RoutingIdentity` (plain single-node mode) only rule 1 and the Initial rules apply,
+with random CIDs of a fixed length, as aioquic's own server does.
 
 Every datagram is counted once in `edgeproxy_quic_datagrams_total{route}` with route one of
-`local`, `new`, `version_negotiation` or `dropped_<reason>`.
+`local`, `new`, `forwarded_out`, `forwarded_in` (delivered to or accepted by a connection after
+crossing the backhaul), `reset`, `version_negotiation` or `dropped_<reason>`.
 
 `EdgeQuicConnection` subclasses aioquic's `QuicConnection` (pinned to aioquic 1.7.2, whose
-private attributes it touches) to bound concurrent request streams and to grant stream flow
-control credit only as the application consumes data; see its docstring.
+private attributes it touches) to issue QUIC-LB connection IDs with fleet reset tokens, to
+bound concurrent request streams, to grant stream flow control credit only as the application
+consumes data and to remember which streams began in 0-RTT; see its docstring.
 """
 
 from __future__ import annotations
@@ -26,22 +57,35 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
+from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.buffer import Buffer, BufferReadError
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import Limit, NetworkAddress, QuicConnection, stream_is_unidirectional
+from aioquic.quic.connection import (
+    Limit,
+    NetworkAddress,
+    QuicConnection,
+    QuicConnectionId,
+    QuicReceiveContext,
+    stream_is_unidirectional,
+)
 from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import SessionTicketFetcher, SessionTicketHandler
 
+from gossip.flowtable import quic_initial_key
+
 from ..metrics import Registry
+from .fleet import MIN_STATELESS_RESET
 from .packet import (
     MIN_INITIAL_DATAGRAM_SIZE,
     QUIC_V1,
@@ -67,11 +111,91 @@ DEFAULT_CID_LENGTH = 8
 DEFAULT_STREAM_RECEIVE_WINDOW = 256 * 1024
 # RFC 9000 section 7.2: a client's first Destination Connection ID is at least 8 bytes.
 MIN_CLIENT_DCID_LENGTH = 8
+# Seconds a published handshake flow entry lives: long enough for the handshake (after it the
+# client uses server-chosen, routable CIDs), refreshed for unroutable CID entries.
+DEFAULT_FLOW_TTL = 30.0
 
 
 # --------------------------------------------------------------------------------------------
-# Pure core: actions and router
+# Pure core: what the router reads, its actions, the router
 # --------------------------------------------------------------------------------------------
+
+# A node of the fleet: (pop index, host index, worker index), the fields of a QUIC-LB server ID
+# (see `lb.ServerIdLayout`). Each node has its own backhaul address.
+NodeId = tuple[int, int, int]
+
+
+class RoutingIdentity(Protocol):
+    """What the router needs of this node's QUIC-LB identity (`identity.ServerIdentity`)."""
+
+    @property
+    def node(self) -> NodeId: ...
+
+    @property
+    def cid_length(self) -> int:
+        """Length of the CIDs this node issues (and of short-header DCIDs it cannot decode)."""
+        ...
+
+    def cid_length_for(self, first_octet: int) -> int | None:
+        """Length of a CID starting with `first_octet` under a live QUIC-LB config, else None."""
+        ...
+
+    def owner_of(self, cid: bytes) -> NodeId | None:
+        """The node that issued `cid`, None if the CID is unroutable (or decodes to garbage)."""
+        ...
+
+
+class ConnectionIdentity(RoutingIdentity, Protocol):
+    """What the shell needs besides: minting CIDs and reset tokens, building resets."""
+
+    def new_cid(self) -> bytes: ...
+
+    def reset_token(self, cid: bytes) -> bytes: ...
+
+    def stateless_reset(self, cid: bytes, trigger_len: int) -> bytes | None:
+        """A stateless reset for `cid`, smaller than `trigger_len`; None if it cannot be."""
+        ...
+
+
+class Membership(Protocol):
+    """Fleet membership as the router sees it (`backhaul.StaticMembership`, later gossip)."""
+
+    def is_alive(self, pop: int) -> bool | None:
+        """True alive, False known dead (by a signal an attacker cannot forge), None unknown."""
+        ...
+
+    def backhaul_address(self, node: NodeId) -> tuple[str, int] | None:
+        """Where `node` receives backhaul frames; None if it is not known."""
+        ...
+
+    def node_named(self, name: str) -> NodeId | None:
+        """The node a flow-table owner name stands for."""
+        ...
+
+
+class FlowLookup(Protocol):
+    """The replicated flow-ownership table (`gossip.flowtable.FlowTable` fits)."""
+
+    def lookup(self, key: bytes, now: float) -> str | None: ...
+
+    def publish(self, key: bytes, now: float, ttl: float) -> Any: ...
+
+    def delete(self, key: bytes, now: float) -> Any: ...
+
+
+def initial_flow_key(addr: NetworkAddress, dcid: bytes) -> bytes | None:
+    """The flow-table key of a handshake, ``gossip.flowtable.quic_initial_key`` (None if the
+    address cannot be one: the key then simply is not used)."""
+    try:
+        return quic_initial_key(str(addr[0]).split("%", 1)[0], int(addr[1]), dcid)
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def cid_flow_key(cid: bytes) -> bytes:
+    """The flow-table key of an unroutable (0b111) connection ID a node issued: ``"C" || cid``
+    (the flow table's own keys start with "Q" and "T")."""
+    return b"C" + cid
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +208,34 @@ class Deliver(Generic[H]):
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """Create a connection for this v1 Initial; `original_dcid` is the client-chosen DCID."""
+    """Create a connection for this v1 Initial; `original_dcid` is the client-chosen DCID.
+
+    `flow_key` is the handshake's flow-table key, for the shell to publish (None: no table)."""
 
     original_dcid: bytes
     scid: bytes
     version: int
     token: bytes
+    flow_key: bytes | None = None
     route = "new"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send the datagram over the backhaul to `node`, which owns its connection."""
+
+    node: NodeId
+    route = "forwarded_out"
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Answer with a stateless reset for `cid` (its owner is known dead), smaller than the
+    `trigger_len`-byte datagram."""
+
+    cid: bytes
+    trigger_len: int
+    route = "reset"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +255,17 @@ class Drop:
         return f"dropped_{self.reason}"
 
 
-Action = Deliver[H] | Accept | VersionNegotiation | Drop
+Action = Deliver[H] | Accept | Forward | Reset | VersionNegotiation | Drop
 
 
 class Router(Generic[H]):
-    """Routing decisions for datagrams arriving on the QUIC socket, and the CID table behind them.
+    """Routing decisions for datagrams reaching this node, and the CID table behind them.
 
     `H` is whatever the shell uses as a connection handle (hashable). The router keeps both
     directions of the mapping so that a terminated connection is forgotten in O(its CIDs).
+    `identity`, `membership` and `flows` are optional: without an identity the router is the
+    single-node router (random CIDs of `cid_length`); without membership no datagram is
+    forwarded or reset; without flows no table is consulted.
     """
 
     def __init__(
@@ -126,10 +274,19 @@ class Router(Generic[H]):
         cid_length: int = DEFAULT_CID_LENGTH,
         max_connections: int = 10000,
         versions: Sequence[int] = (QUIC_V1,),
+        identity: RoutingIdentity | None = None,
+        membership: Membership | None = None,
+        flows: FlowLookup | None = None,
+        flow_name: str | None = None,
     ) -> None:
-        self.cid_length = cid_length
+        self.identity = identity
+        self.cid_length = identity.cid_length if identity is not None else cid_length
         self.max_connections = max_connections
         self.versions = tuple(versions)
+        self.membership = membership
+        self.flows = flows
+        # This node's name in the flow table: entries it owns are not forwarded anywhere.
+        self.flow_name = flow_name
         self._cids: dict[bytes, H] = {}
         self._by_handle: dict[H, set[bytes]] = {}
 
@@ -173,13 +330,24 @@ class Router(Generic[H]):
 
     # -- decisions -----------------------------------------------------------------------------
 
-    def route(self, data: bytes, addr: NetworkAddress, now: float) -> Action[H]:
+    def _short_cid_length(self, data: bytes) -> int:
+        """A short header does not encode its DCID length: QUIC-LB CIDs self-encode it in
+        their first octet (the datagram's second byte)."""
+        identity = self.identity
+        if identity is None or len(data) < 2:
+            return self.cid_length
+        length = identity.cid_length_for(data[1])
+        return self.cid_length if length is None else length
+
+    def route(
+        self, data: bytes, addr: NetworkAddress, now: float, *, forwarded: bool = False
+    ) -> Action[H]:
         """Decide what to do with one datagram from `addr` received at `now`.
 
-        `addr` and `now` are unused by today's rules; they are part of the signature because the
-        cross-PoP rules (4-tuple flow table, per-flow timers) need them.
+        `forwarded` says it crossed the backhaul already (then `addr` is the client's address
+        as the forwarding node saw it): it is delivered or accepted here, or dropped.
         """
-        header = parse_header(data, self.cid_length)
+        header = parse_header(data, self._short_cid_length(data))
         if isinstance(header, Malformed):
             return Drop(header.reason)
 
@@ -207,20 +375,9 @@ class Router(Generic[H]):
             handle = self._cids.get(header.dcid)
             if handle is not None:
                 return Deliver(handle)
-            if header.packet_type != LongPacketType.INITIAL:
-                return Drop("unknown_cid")
-            if len(data) < MIN_INITIAL_DATAGRAM_SIZE:
-                return Drop("initial_too_small")
-            if len(header.dcid) < MIN_CLIENT_DCID_LENGTH:
-                return Drop("initial_dcid_too_short")
-            if self.connection_count >= self.max_connections:
-                return Drop("max_connections")
-            return Accept(
-                original_dcid=header.dcid,
-                scid=header.scid,
-                version=header.version,
-                token=header.token,
-            )
+            if header.packet_type in (LongPacketType.INITIAL, LongPacketType.ZERO_RTT):
+                return self._route_client_long(header, data, addr, now, forwarded)
+            return self._route_by_cid(header.dcid, data, now, forwarded, short=False)
 
         # Short header. Version unknown by construction; every connection we run is v1 without
         # the grease_quic_bit extension, so the fixed bit must be set (RFC 9000 section 17.3).
@@ -229,9 +386,98 @@ class Router(Generic[H]):
         handle = self._cids.get(header.dcid)
         if handle is not None:
             return Deliver(handle)
-        # Never answered: a reply to an unknown short header could be a reset oracle once CIDs
-        # are routed fleet-wide (later: forward to the owning PoP instead).
-        return Drop("unknown_cid")
+        return self._route_by_cid(header.dcid, data, now, forwarded, short=True)
+
+    def _live_peer(self, node: NodeId) -> bool:
+        """`node` is another node that is alive and reachable over the backhaul."""
+        membership = self.membership
+        if membership is None or self.identity is None or node == self.identity.node:
+            return False
+        if node[0] != self.identity.node[0] and membership.is_alive(node[0]) is not True:
+            return False
+        return membership.backhaul_address(node) is not None
+
+    def _flow_owner(self, key: bytes | None, now: float) -> NodeId | None:
+        """Another live node that the flow table says owns `key`."""
+        if key is None or self.flows is None or self.membership is None:
+            return None
+        name = self.flows.lookup(key, now)
+        if name is None or name == self.flow_name:
+            return None
+        node = self.membership.node_named(name)
+        if node is None or not self._live_peer(node):
+            return None
+        return node
+
+    def _route_client_long(
+        self, header: LongHeader, data: bytes, addr: NetworkAddress, now: float, forwarded: bool
+    ) -> Action[H]:
+        """An Initial or 0-RTT packet with a DCID this node has no connection for."""
+        flow_key = initial_flow_key(addr, header.dcid) if self.flows is not None else None
+        if not forwarded and self.identity is not None:
+            # A server-chosen DCID (the client's Initials after the server's first one), or a
+            # client-chosen one that happens to decode to a live node: that node accepts it.
+            owner = self.identity.owner_of(header.dcid)
+            if owner is not None and self._live_peer(owner):
+                return Forward(owner)
+            owner = self._flow_owner(flow_key, now)
+            if owner is not None:
+                return Forward(owner)
+        if header.packet_type != LongPacketType.INITIAL:
+            return Drop("unknown_cid")
+        if len(data) < MIN_INITIAL_DATAGRAM_SIZE:
+            return Drop("initial_too_small")
+        if len(header.dcid) < MIN_CLIENT_DCID_LENGTH:
+            return Drop("initial_dcid_too_short")
+        if self.connection_count >= self.max_connections:
+            return Drop("max_connections")
+        return Accept(
+            original_dcid=header.dcid,
+            scid=header.scid,
+            version=header.version,
+            token=header.token,
+            flow_key=flow_key,
+        )
+
+    def _route_by_cid(
+        self, dcid: bytes, data: bytes, now: float, forwarded: bool, *, short: bool
+    ) -> Action[H]:
+        """A packet for a connection this node does not have, by the CID's owner."""
+        identity = self.identity
+        if identity is None:
+            # Never answered: a reply to an unknown CID could be a reset oracle.
+            return Drop("unknown_cid")
+        owner = identity.owner_of(dcid)
+        if owner is None:
+            if not forwarded:
+                node = self._flow_owner(cid_flow_key(dcid), now)
+                if node is not None:
+                    return Forward(node)
+            return Drop("unroutable_cid")
+        if owner == identity.node:
+            # Ours but unknown: closed, or never issued. Not a reset: see the module docstring.
+            return Drop("unknown_local_cid")
+        if forwarded:
+            return Drop("forward_loop")
+        if self._live_peer(owner):
+            return Forward(owner)
+        membership = self.membership
+        if (
+            membership is not None
+            and owner[0] != identity.node[0]
+            and membership.is_alive(owner[0]) is False
+        ):
+            # The owner PoP is known dead: no endpoint sharing the reset key can still have
+            # this connection (RFC 9000 section 21.11), so end it now rather than leaving the
+            # client to its idle timeout. Only short headers: a client in the handshake has no
+            # reset token yet.
+            if not short:
+                return Drop("dead_owner")
+            if len(data) <= MIN_STATELESS_RESET:
+                # A reset must be smaller than its trigger and cannot be under 21 bytes.
+                return Drop("reset_too_small")
+            return Reset(dcid, len(data))
+        return Drop("unknown_server")
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +502,19 @@ class EdgeQuicConnection(QuicConnection):
       MAX_STREAM_DATA frame per read. Unidirectional streams (H3 control and QPACK streams, which
       are consumed as they arrive) keep aioquic's behaviour.
 
-    The later QUIC-LB issue adds CID generation here too (see reference notes, section 3).
+    * `cid_source` / `reset_token_for` (servers): every connection ID this endpoint issues comes
+      from `cid_source` (QUIC-LB CIDs naming this node, see `identity.ServerIdentity`) with the
+      stateless reset token `reset_token_for(cid)` (fleet-derived, so any PoP can compute it).
+      aioquic draws the first CID and token from `os.urandom` in `__init__`; they are replaced
+      right after, before anything is sent or registered: `_host_cids[0]`, `host_cid` and
+      `_local_initial_source_connection_id` (the transport parameters, serialised with the
+      first datagram, carry the new CID and token). `_replenish_connection_ids`, which mints the
+      NEW_CONNECTION_ID CIDs, is overridden likewise. `configuration.connection_id_length` must
+      equal the length of the CIDs `cid_source` returns: aioquic parses short headers with it.
+    * 0-RTT: `started_in_early_data(stream_id)` says whether STREAM frames of a stream arrived
+      in 0-RTT packets (recorded by overriding `_handle_stream_frame`), for RFC 8470's 425.
+
+    The aioquic internals relied on are pinned by tests/test_quic_identity.py.
     """
 
     def __init__(
@@ -269,7 +527,12 @@ class EdgeQuicConnection(QuicConnection):
         session_ticket_handler: SessionTicketHandler | None = None,
         max_streams_bidi: int | None = None,
         stream_receive_window: int | None = None,
+        cid_source: Callable[[], bytes] | None = None,
+        reset_token_for: Callable[[bytes], bytes] | None = None,
     ) -> None:
+        self._cid_source = None if configuration.is_client else cid_source
+        self._reset_token_for = reset_token_for
+        self._early_streams: set[int] = set()
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
@@ -277,6 +540,16 @@ class EdgeQuicConnection(QuicConnection):
             session_ticket_fetcher=session_ticket_fetcher,
             session_ticket_handler=session_ticket_handler,
         )
+        if self._cid_source is not None:
+            cid = self._mint_cid()
+            self._host_cids[0] = QuicConnectionId(
+                cid=cid,
+                sequence_number=0,
+                stateless_reset_token=self._token_for(cid),
+                was_sent=True,
+            )
+            self.host_cid = cid
+            self._local_initial_source_connection_id = cid
         if max_streams_bidi is not None:
             self._local_max_streams_bidi = Limit(
                 frame_type=QuicFrameType.MAX_STREAMS_BIDI,
@@ -288,6 +561,63 @@ class EdgeQuicConnection(QuicConnection):
         # Streams whose remaining input the application discards (rejected requests): they get
         # no more credit, so a client ignoring STOP_SENDING cannot keep pushing data.
         self._credit_frozen: set[int] = set()
+
+    # -- connection IDs ----------------------------------------------------------------------------
+
+    def _mint_cid(self) -> bytes:
+        assert self._cid_source is not None
+        cid = self._cid_source()
+        if len(cid) != self._configuration.connection_id_length:
+            raise ValueError(
+                f"cid_source returned a {len(cid)}-byte CID, the configuration says "
+                f"{self._configuration.connection_id_length}"
+            )
+        return cid
+
+    def _token_for(self, cid: bytes) -> bytes:
+        if self._reset_token_for is None:
+            return os.urandom(16)
+        return self._reset_token_for(cid)
+
+    def _replenish_connection_ids(self) -> None:
+        if self._cid_source is None:
+            super()._replenish_connection_ids()
+            return
+        # As aioquic: keep min(8, peer's active_connection_id_limit) CIDs issued.
+        while len(self._host_cids) < min(8, self._remote_active_connection_id_limit):
+            try:
+                cid = self._mint_cid()
+            except Exception:
+                # e.g. the QUIC-LB nonce space is exhausted: issue fewer CIDs, keep going.
+                log.exception("cannot mint a connection ID")
+                return
+            self._host_cids.append(
+                QuicConnectionId(
+                    cid=cid,
+                    sequence_number=self._host_cid_seq,
+                    stateless_reset_token=self._token_for(cid),
+                )
+            )
+            self._host_cid_seq += 1
+
+    # -- 0-RTT -------------------------------------------------------------------------------------
+
+    def _handle_stream_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        if context.epoch == tls.Epoch.ZERO_RTT:
+            start = buf.tell()
+            # A malformed frame is left to aioquic's own parsing to report.
+            with contextlib.suppress(BufferReadError):
+                self._early_streams.add(buf.pull_uint_var())
+            buf.seek(start)
+        super()._handle_stream_frame(context, frame_type, buf)
+
+    def started_in_early_data(self, stream_id: int) -> bool:
+        """True if STREAM frames of `stream_id` arrived in 0-RTT packets (RFC 8470 early data)."""
+        return stream_id in self._early_streams
+
+    # -- flow control ------------------------------------------------------------------------------
 
     @property
     def receive_window(self) -> int | None:
@@ -329,6 +659,7 @@ class EdgeQuicConnection(QuicConnection):
     def forget_stream(self, stream_id: int) -> None:
         """The application is done with `stream_id`'s input."""
         self._stream_unread.pop(stream_id, None)
+        self._early_streams.discard(stream_id)
 
     def stream_receive_finished(self, stream_id: int) -> bool:
         """True once the peer's side of the stream ended (FIN or reset) or the stream is gone."""
@@ -457,8 +788,28 @@ ProtocolFactory = Callable[[EdgeQuicConnection], EdgeConnectionProtocol]
 # --------------------------------------------------------------------------------------------
 
 
+class ForwardSink(Protocol):
+    """The backhaul as the dispatcher uses it (`backhaul.Backhaul`)."""
+
+    def forward(
+        self,
+        node: NodeId,
+        datagram: bytes,
+        client_addr: NetworkAddress,
+        anycast_addr: tuple[str, int],
+    ) -> bool:
+        """Send `datagram` to `node`; False if it could not be sent (counted by the caller)."""
+        ...
+
+
 class QuicDispatcher(asyncio.DatagramProtocol):
-    """The UDP socket's protocol: routes datagrams with a `Router` and runs the connections."""
+    """The client-facing socket's protocol: routes datagrams with a `Router`, runs the
+    connections, and executes forwards and resets.
+
+    The client-facing transport is either the dispatcher's own socket (it is then the
+    protocol of that socket and closes it on `close`) or injected with `attach_transport`
+    (shared, not closed). Everything a connection sends goes out through it.
+    """
 
     def __init__(
         self,
@@ -472,6 +823,12 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         stream_receive_window: int | None = DEFAULT_STREAM_RECEIVE_WINDOW,
         session_ticket_fetcher: SessionTicketFetcher | None = None,
         session_ticket_handler: SessionTicketHandler | None = None,
+        identity: ConnectionIdentity | None = None,
+        membership: Membership | None = None,
+        flows: FlowLookup | None = None,
+        flow_name: str | None = None,
+        flow_ttl: float = DEFAULT_FLOW_TTL,
+        backhaul: ForwardSink | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._configuration_factory = configuration_factory
@@ -480,11 +837,27 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         self._stream_receive_window = stream_receive_window
         self._session_ticket_fetcher = session_ticket_fetcher
         self._session_ticket_handler = session_ticket_handler
+        self.identity = identity
+        self.flows = flows
+        self.flow_ttl = flow_ttl
+        self.backhaul = backhaul
         self.router: Router[EdgeConnectionProtocol] = Router(
-            cid_length=cid_length, max_connections=max_connections, versions=(QUIC_V1,)
+            cid_length=cid_length,
+            max_connections=max_connections,
+            versions=(QUIC_V1,),
+            identity=identity,
+            membership=membership,
+            flows=flows,
+            flow_name=flow_name,
         )
         self._transport: asyncio.DatagramTransport | None = None
+        self._owns_transport = True
+        self._ipv6_socket = False
         self._connections: set[EdgeConnectionProtocol] = set()
+        # Flow-table keys this node published, per connection: its handshake key, and the
+        # keys of unroutable CIDs it issued (with the time of the last publish, for refresh).
+        self._handshake_keys: dict[EdgeConnectionProtocol, bytes] = {}
+        self._cid_keys: dict[EdgeConnectionProtocol, dict[bytes, float]] = {}
         self._reapers: set[asyncio.Task[None]] = set()
         self._closing = False
         self._closed = asyncio.Event()
@@ -501,16 +874,29 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         return frozenset(self._connections)
 
     @property
+    def attached(self) -> bool:
+        """True while the dispatcher has a client-facing transport and is not closing."""
+        return self._transport is not None and not self._closing
+
+    @property
     def local_address(self) -> tuple[str, int]:
+        """The client-facing address (the anycast address, or a wildcard it is bound to)."""
         if self._transport is None:
             raise RuntimeError("dispatcher is not bound")
         sockname = self._transport.get_extra_info("sockname")
         return sockname[0], sockname[1]
 
-    # -- asyncio.DatagramProtocol ----------------------------------------------------------------
+    # -- transport -------------------------------------------------------------------------------
+
+    def attach_transport(self, transport: asyncio.DatagramTransport, *, owned: bool) -> None:
+        """Use `transport` to talk to clients; `owned` transports are closed by `close`."""
+        self._transport = transport
+        self._owns_transport = owned
+        sockname = transport.get_extra_info("sockname")
+        self._ipv6_socket = isinstance(sockname, tuple) and len(sockname) == 4
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
+        self.attach_transport(cast(asyncio.DatagramTransport, transport), owned=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -521,18 +907,44 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         # peer, never the socket, so they are only logged.
         log.debug("QUIC socket error: %s", exc)
 
+    # -- entry points ----------------------------------------------------------------------------
+
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
-        """Route one datagram from `addr`: from the socket or forwarded over the backhaul."""
+        """Route one datagram from `addr`, received on the client-facing socket."""
+        self._receive(data, addr, False)
+
+    def forwarded_received(self, data: bytes, client_addr: NetworkAddress) -> None:
+        """Route one datagram that another node received from `client_addr` and forwarded
+        over the backhaul: processed as if it had arrived here, but never forwarded again."""
+        self._receive(data, self._socket_address(client_addr), True)
+
+    def _socket_address(self, addr: NetworkAddress) -> NetworkAddress:
+        """`addr` in the form this dispatcher's socket reports it: an IPv6 (dual-stack) socket
+        says ("::ffff:a.b.c.d", port, 0, 0) for an IPv4 client; the connection must see the
+        same address whether a datagram came directly or over the backhaul, or it would
+        start a path validation."""
+        host, port = str(addr[0]), int(addr[1])
+        if self._ipv6_socket:
+            if ":" not in host:
+                host = "::ffff:" + host
+            return (host, port, 0, 0)
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return (host, port)
+
+    def _receive(self, data: bytes, addr: NetworkAddress, forwarded: bool) -> None:
         if self._closing or self._transport is None:
             self._datagrams.inc("dropped_closing")
             return
         try:
-            action = self.router.route(data, addr, self._loop.time())
+            action = self.router.route(data, addr, self._loop.time(), forwarded=forwarded)
             route = self._execute(action, data, addr)
         except Exception:
             # A bug must cost one datagram, not the listener.
             log.exception("QUIC dispatcher failed on a datagram from %s", addr)
             route = "dropped_internal_error"
+        if forwarded and route in ("local", "new"):
+            route = "forwarded_in"
         self._datagrams.inc(route)
 
     # -- actions ---------------------------------------------------------------------------------
@@ -546,6 +958,20 @@ class QuicDispatcher(asyncio.DatagramProtocol):
             if protocol is None:
                 return "dropped_accept_failed"
             return self._deliver(protocol, data, addr, action.route)
+        if isinstance(action, Forward):
+            backhaul = self.backhaul
+            if backhaul is None or not backhaul.forward(
+                action.node, data, addr, self.local_address
+            ):
+                return "dropped_backhaul_unavailable"
+            return action.route
+        if isinstance(action, Reset):
+            assert self.identity is not None
+            packet = self.identity.stateless_reset(action.cid, action.trigger_len)
+            if packet is None:
+                return "dropped_reset_too_small"
+            self._transport.sendto(packet, addr)
+            return action.route
         if isinstance(action, VersionNegotiation):
             self._transport.sendto(action.packet, addr)
             return action.route
@@ -557,6 +983,9 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         except Exception:
             log.exception("QUIC connection failed on a datagram from %s", addr)
             return "dropped_connection_error"
+        keys = self._cid_keys.get(protocol)
+        if keys is not None:
+            self._refresh_cid_keys(keys)
         return route
 
     def _server_configuration(self, base: QuicConfiguration) -> QuicConfiguration:
@@ -573,6 +1002,7 @@ class QuicDispatcher(asyncio.DatagramProtocol):
 
     def _accept(self, action: Accept) -> EdgeConnectionProtocol | None:
         assert self._transport is not None
+        identity = self.identity
         try:
             configuration = self._server_configuration(self._configuration_factory())
             connection = EdgeQuicConnection(
@@ -582,6 +1012,8 @@ class QuicDispatcher(asyncio.DatagramProtocol):
                 session_ticket_handler=self._session_ticket_handler,
                 max_streams_bidi=self._max_streams_bidi,
                 stream_receive_window=self._stream_receive_window,
+                cid_source=None if identity is None else identity.new_cid,
+                reset_token_for=None if identity is None else identity.reset_token,
             )
             protocol = self._protocol_factory(connection)
         except Exception:
@@ -597,18 +1029,80 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         self.router.add_connection(protocol)
         self.router.register(action.original_dcid, protocol)
         self.router.register(connection.host_cid, protocol)
+        if action.flow_key is not None:
+            # Other nodes now forward this handshake's Initials (same client, same DCID) here.
+            self._publish_handshake(protocol, action.flow_key)
+        self._publish_if_unroutable(protocol, connection.host_cid)
         return protocol
 
+    # -- flow table ------------------------------------------------------------------------------
+
+    def _publish(self, key: bytes) -> float | None:
+        """Publish `key` as ours; the time, or None if it could not be published."""
+        if self.flows is None:
+            return None
+        now = self._loop.time()
+        try:
+            self.flows.publish(key, now, self.flow_ttl)
+        except Exception:
+            # A full table only means misrouted packets of this flow are not forwarded here.
+            log.warning("cannot publish a QUIC flow", exc_info=True)
+            return None
+        return now
+
+    def _publish_handshake(self, protocol: EdgeConnectionProtocol, key: bytes) -> None:
+        if self._publish(key) is not None:
+            self._handshake_keys[protocol] = key
+
+    def _publish_if_unroutable(self, protocol: EdgeConnectionProtocol, cid: bytes) -> None:
+        # A CID without a live QUIC-LB config (0b111: the codec had none, or ran out of
+        # nonces) cannot be routed by decoding: other nodes find it in the flow table instead.
+        if self.identity is None or self.identity.owner_of(cid) is not None:
+            return
+        key = cid_flow_key(cid)
+        published = self._publish(key)
+        if published is not None:
+            self._cid_keys.setdefault(protocol, {})[key] = published
+
+    def _refresh_cid_keys(self, keys: dict[bytes, float]) -> None:
+        """Re-publish a live connection's unroutable-CID keys before they expire."""
+        now = self._loop.time()
+        for key, published in list(keys.items()):
+            if now - published >= self.flow_ttl / 2 and self._publish(key) is not None:
+                keys[key] = now
+
+    def _delete_flow(self, key: bytes) -> None:
+        if self.flows is not None:
+            with contextlib.suppress(Exception):
+                self.flows.delete(key, self._loop.time())
+
+    def _unpublish_all(self, protocol: EdgeConnectionProtocol) -> None:
+        key = self._handshake_keys.pop(protocol, None)
+        if key is not None:
+            self._delete_flow(key)
+        for key in self._cid_keys.pop(protocol, {}):
+            self._delete_flow(key)
+
+    # -- connection callbacks --------------------------------------------------------------------
+
     def _cid_issued(self, protocol: EdgeConnectionProtocol, cid: bytes) -> None:
-        if protocol in self._connections and not self.router.register(cid, protocol):
-            # Random 8-byte CIDs colliding: the newer connection simply cannot use this one.
+        if protocol not in self._connections:
+            return
+        if not self.router.register(cid, protocol):
+            # Random CIDs colliding (QUIC-LB CIDs cannot): the newer connection cannot use it.
             log.warning("QUIC connection ID collision")
+            return
+        self._publish_if_unroutable(protocol, cid)
 
     def _cid_retired(self, protocol: EdgeConnectionProtocol, cid: bytes) -> None:
         self.router.unregister(cid, protocol)
+        keys = self._cid_keys.get(protocol)
+        if keys is not None and keys.pop(cid_flow_key(cid), None) is not None:
+            self._delete_flow(cid_flow_key(cid))
 
     def _terminated(self, protocol: EdgeConnectionProtocol) -> None:
         self.router.forget(protocol)
+        self._unpublish_all(protocol)
         if protocol not in self._connections:
             return
         self._connections.discard(protocol)
@@ -626,7 +1120,8 @@ class QuicDispatcher(asyncio.DatagramProtocol):
     # -- shutdown --------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """CONNECTION_CLOSE every connection, await their tasks, close the socket. Idempotent."""
+        """CONNECTION_CLOSE every connection, await their tasks, close an owned socket.
+        Idempotent."""
         if self._closing:
             await self._closed.wait()
             return
@@ -635,17 +1130,19 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         self._connections.clear()
         for protocol in protocols:
             self.router.forget(protocol)
+            self._unpublish_all(protocol)
         results = await asyncio.gather(
             *(p.aclose() for p in protocols), *list(self._reapers), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 log.error("QUIC connection close failed", exc_info=result)
-        if self._transport is not None:
+        if self._transport is not None and self._owns_transport:
             self._transport.close()
             # connection_lost runs on the next loop iteration; wait so the socket is really gone
             await self._closed.wait()
         else:
+            self._transport = None
             self._closed.set()
 
 
@@ -659,8 +1156,10 @@ def bind_udp_socket(
 ) -> socket.socket:
     """A non-blocking UDP socket bound to (host, port) with SO_REUSEADDR.
 
-    SO_REUSEPORT is opt-in: several processes on one port would split connections by 4-tuple
-    hash, which breaks QUIC without CID-aware steering (see reference notes, section 3).
+    SO_REUSEPORT is opt-in: several worker processes on one port split datagrams by 4-tuple
+    hash, so a connection's datagrams reach other workers whenever the client's address
+    changes; each worker's server ID names it, and the router forwards such datagrams to the
+    owning worker over its backhaul port (one extra hop, no CID-aware kernel steering).
     """
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
     if not infos:
@@ -688,6 +1187,76 @@ def bind_udp_socket(
     return sock
 
 
+@dataclass
+class FleetRouting:
+    """What makes a dispatcher part of the fleet rather than a lone server (see `Router`).
+
+    `identity` issues QUIC-LB CIDs and reset tokens; `membership` says who is alive and where;
+    `flows` is the flow table with this node's owner name `flow_name`; `backhaul` carries
+    forwarded datagrams; the ticket callbacks are the fleet ticket store's (`tickets`).
+    """
+
+    identity: ConnectionIdentity | None = None
+    membership: Membership | None = None
+    flows: FlowLookup | None = None
+    flow_name: str | None = None
+    flow_ttl: float = DEFAULT_FLOW_TTL
+    backhaul: ForwardSink | None = None
+    session_ticket_fetcher: SessionTicketFetcher | None = None
+    session_ticket_handler: SessionTicketHandler | None = None
+
+
+def make_h3_dispatcher(
+    configuration_factory: Callable[[], QuicConfiguration],
+    handler: RequestHandler,
+    limits: LimitsSection,
+    metrics: Registry,
+    *,
+    cid_length: int = DEFAULT_CID_LENGTH,
+    stream_receive_window: int = DEFAULT_STREAM_RECEIVE_WINDOW,
+    fleet: FleetRouting | None = None,
+) -> QuicDispatcher:
+    """An HTTP/3 `QuicDispatcher`, not yet attached to a transport.
+
+    `configuration_factory` is called for every new connection, so a reloaded certificate is
+    used by new connections without a restart; limits override its idle timeout, ALPN and
+    stream windows. Requests that arrive as 0-RTT early data follow RFC 8470
+    (`tickets.EarlyDataH3ServerProtocol`).
+    """
+    # Imported here: h3server builds on this module.
+    from ..http.h3server import H3Metrics, h3_configuration
+    from .tickets import EarlyDataH3ServerProtocol
+
+    h3_metrics = H3Metrics(metrics)
+    fleet = fleet or FleetRouting()
+
+    def make_configuration() -> QuicConfiguration:
+        return h3_configuration(configuration_factory(), limits, stream_receive_window)
+
+    def make_protocol(connection: EdgeQuicConnection) -> EdgeConnectionProtocol:
+        return EarlyDataH3ServerProtocol(
+            connection, handler=handler, limits=limits, metrics=h3_metrics
+        )
+
+    return QuicDispatcher(
+        configuration_factory=make_configuration,
+        protocol_factory=make_protocol,
+        metrics=metrics,
+        max_connections=limits.max_connections,
+        cid_length=cid_length,
+        max_streams_bidi=limits.max_streams,
+        stream_receive_window=stream_receive_window,
+        session_ticket_fetcher=fleet.session_ticket_fetcher,
+        session_ticket_handler=fleet.session_ticket_handler,
+        identity=fleet.identity,
+        membership=fleet.membership,
+        flows=fleet.flows,
+        flow_name=fleet.flow_name,
+        flow_ttl=fleet.flow_ttl,
+        backhaul=fleet.backhaul,
+    )
+
+
 async def start_quic_server(
     host: str,
     port: int,
@@ -699,35 +1268,29 @@ async def start_quic_server(
     reuse_port: bool = False,
     cid_length: int = DEFAULT_CID_LENGTH,
     stream_receive_window: int = DEFAULT_STREAM_RECEIVE_WINDOW,
+    fleet: FleetRouting | None = None,
+    transport: asyncio.DatagramTransport | None = None,
 ) -> QuicDispatcher:
-    """Serve HTTP/3 on UDP (host, port): a bound `QuicDispatcher` running `H3ServerProtocol`s.
+    """Serve HTTP/3 on UDP (host, port): a `make_h3_dispatcher` dispatcher on its own socket.
 
-    `configuration_factory` is called for every new connection, so a reloaded certificate is
-    used by new connections without a restart; limits override its idle timeout, ALPN and
-    stream windows.
+    With `transport`, the dispatcher uses that (shared) client-facing transport instead of
+    binding one, and receives datagrams only through calls to its `datagram_received` (the
+    test fabric's simulated anycast); host and port are then ignored.
     """
-    # Imported here: h3server builds on this module.
-    from ..http.h3server import H3Metrics, H3ServerProtocol, h3_configuration
-
-    h3_metrics = H3Metrics(metrics)
-
-    def make_configuration() -> QuicConfiguration:
-        return h3_configuration(configuration_factory(), limits, stream_receive_window)
-
-    def make_protocol(connection: EdgeQuicConnection) -> EdgeConnectionProtocol:
-        return H3ServerProtocol(connection, handler=handler, limits=limits, metrics=h3_metrics)
-
+    dispatcher = make_h3_dispatcher(
+        configuration_factory,
+        handler,
+        limits,
+        metrics,
+        cid_length=cid_length,
+        stream_receive_window=stream_receive_window,
+        fleet=fleet,
+    )
+    if transport is not None:
+        dispatcher.attach_transport(transport, owned=False)
+        return dispatcher
     loop = asyncio.get_running_loop()
     sock = bind_udp_socket(host, port, reuse_port=reuse_port)
-    dispatcher = QuicDispatcher(
-        configuration_factory=make_configuration,
-        protocol_factory=make_protocol,
-        metrics=metrics,
-        max_connections=limits.max_connections,
-        cid_length=cid_length,
-        max_streams_bidi=limits.max_streams,
-        stream_receive_window=stream_receive_window,
-    )
     try:
         await loop.create_datagram_endpoint(lambda: dispatcher, sock=sock)
     except BaseException:
@@ -739,13 +1302,25 @@ async def start_quic_server(
 __all__ = [
     "Accept",
     "Action",
+    "ConnectionIdentity",
     "Deliver",
     "Drop",
     "EdgeConnectionProtocol",
     "EdgeQuicConnection",
+    "FleetRouting",
+    "FlowLookup",
+    "Forward",
+    "ForwardSink",
+    "Membership",
+    "NodeId",
     "QuicDispatcher",
+    "Reset",
     "Router",
+    "RoutingIdentity",
     "VersionNegotiation",
     "bind_udp_socket",
+    "cid_flow_key",
+    "initial_flow_key",
+    "make_h3_dispatcher",
     "start_quic_server",
 ]
