@@ -44,10 +44,10 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(config: Config, duration: float | None, banner: str = "") -> None:
+async def _serve(config: Config, duration: float | None, banner: str = "", worker: int = 0) -> None:
     from .pop import Pop
 
-    pop = Pop(config)
+    pop = Pop(config, worker=worker)
     await pop.start()
     tune_gc()
     if banner:
@@ -113,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--access-log", default="", help="access log: a path, '-' for stdout (default: off)")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
 
-    run = sub.add_parser("run", help="run a PoP from a config file")
+    run = sub.add_parser("run", help="run a PoP from a config file (backhaul.workers worker processes)")
     run.add_argument("--config", "-c", required=True)
     run.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    run.add_argument("--workers", type=int, default=None, help="override backhaul.workers")
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
 
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("--config", "-c", required=True)
@@ -148,8 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: {e}", file=sys.stderr)
         return 1
     _setup_logging(cfg.log.level)
+    workers = args.workers if args.workers is not None else cfg.backhaul.workers
+    workers = workers or os.cpu_count() or 1
+    cfg.backhaul.workers = workers
+    if workers > 1 and args.worker is None:
+        from .supervisor import supervise
+
+        command = [sys.executable, "-m", "edgeproxy", "run", "--config", args.config, "--workers", str(workers)]
+        if args.duration is not None:
+            command += ["--duration", str(args.duration)]
+        return supervise([[*command, "--worker", str(i)] for i in range(workers)])
     try:
-        asyncio.run(_serve(cfg, args.duration))
+        asyncio.run(_serve(cfg, args.duration, worker=args.worker or 0))
     except KeyboardInterrupt:
         pass
     except OSError as e:

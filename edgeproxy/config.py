@@ -248,8 +248,11 @@ class BackhaulSection:
     """UDP address (host:port) for QUIC datagrams and session tickets exchanged with other
     PoPs; worker i of this host uses port + i. Empty disables the backhaul: packets of other
     PoPs' connections are then dropped."""
-    workers: int = 1
-    """Worker processes per host on every PoP (each with its own backhaul port)."""
+    workers: int = 0
+    """Worker processes `edgeproxy run` starts on this host, 0 meaning one per CPU core. They share
+    the client-facing ports (SO_REUSEPORT); worker i has backhaul port + i and admin port + i, and
+    datagrams the kernel hands to the wrong worker reach their owner over the backhaul. Every host
+    of the fleet must use the same count."""
     max_skew: float = 5.0
     """Seconds a backhaul frame's timestamp may differ from this PoP's clock (replay bound)."""
     flow_ttl: float = 30.0
@@ -493,7 +496,7 @@ def _validate_quic_fleet(cfg: Config) -> None:
             parse_hostport(b.listen)
         except ValueError as e:
             raise ConfigError("backhaul.listen", str(e)) from None
-    _positive("backhaul.workers", b.workers)
+    _positive("backhaul.workers", b.workers, zero_ok=True)
     if b.workers > 1 << q.worker_bits:
         raise ConfigError("backhaul.workers", f"must be at most 2**quic_lb.worker_bits = {1 << q.worker_bits}, got {b.workers}")
     _positive("backhaul.max_skew", b.max_skew)

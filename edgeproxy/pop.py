@@ -115,14 +115,15 @@ class Pop:
             await self._start_steering()
         if cfg.listen.https or cfg.listen.quic:
             self.certs = CertStore(self._cert_pairs())
+        shared = cfg.backhaul.workers > 1  # sibling worker processes listen on the same ports
         for addr in cfg.listen.http:
             host, port = parse_hostport(addr)
-            server = await self.h1.listen(host, port, backlog=cfg.listen.backlog)
+            server = await self.h1.listen(host, port, backlog=cfg.listen.backlog, reuse_port=shared)
             self.addresses["http"].append(server.sockets[0].getsockname()[:2])
         for addr in cfg.listen.https:
             assert self.certs is not None
             host, port = parse_hostport(addr)
-            server = await self.h1s.listen(host, port, ssl_context=self.certs.server_context(), backlog=cfg.listen.backlog)
+            server = await self.h1s.listen(host, port, ssl_context=self.certs.server_context(), backlog=cfg.listen.backlog, reuse_port=shared)
             self.addresses["https"].append(server.sockets[0].getsockname()[:2])
         for addr in cfg.listen.quic:
             host, port = parse_hostport(addr)
@@ -132,7 +133,7 @@ class Pop:
         if self.quic:  # advertise the port actually bound (the config may say 0)
             self.pipeline.alt_svc = alt_svc_value(self.addresses["quic"][0][1])
         host, port = parse_hostport(cfg.admin.listen, default_host="127.0.0.1")
-        server = await self.admin.listen(host, port)
+        server = await self.admin.listen(host, port + self.worker if port else 0)  # worker i: port + i
         self.addresses["admin"].append(server.sockets[0].getsockname()[:2])
         loop = asyncio.get_running_loop()
         if self.certs is not None:
@@ -150,7 +151,7 @@ class Pop:
         q, b = cfg.quic_lb, cfg.backhaul
         identity = build_identity(q, keys, self.worker)
         peers = [Peer(p.name, p.pop_index, p.host_index, parse_hostport(p.address)) for p in b.peers]
-        membership = StaticMembership(node=identity.node, name=cfg.pop.id, listen=None, workers=b.workers, peers=peers)
+        membership = StaticMembership(node=identity.node, name=cfg.pop.id, listen=None, workers=max(1, b.workers), peers=peers)
         if b.listen:
             host, port = parse_hostport(b.listen)
             self.backhaul = Backhaul(keys=keys, sender=identity.sender, membership=membership, metrics=self.metrics, max_skew=b.max_skew)

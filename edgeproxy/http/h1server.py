@@ -736,8 +736,16 @@ class H1Server:
         self.bytes_out = _Bound(bytes_total, (self.protocol, "out"))
 
     async def listen(
-        self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, backlog: int = 1024
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 1024,
+        reuse_port: bool = False,
     ) -> asyncio.Server:
+        """`reuse_port` lets the workers of one host share the port (the kernel spreads new
+        connections over them)."""
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: H1Protocol(self),
@@ -747,6 +755,7 @@ class H1Server:
             backlog=backlog,
             ssl_handshake_timeout=self.limits.header_timeout if ssl_context else None,
             reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         self._servers.append(server)
         if self._sweeper is None:
