@@ -119,6 +119,11 @@ enabled = false
 [admin]
 listen = "127.0.0.1:{admin_port}"
 
+# One PoP process on one core, the unit the per-core figures are about (the default would start
+# one worker per core, each with its own cache).
+[backhaul]
+workers = 1
+
 [log]
 access_log = ""
 level = "warning"
