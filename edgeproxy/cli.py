@@ -100,6 +100,38 @@ Ctrl-C stops it."""
         await origin.close()
 
 
+def _keys(args: argparse.Namespace) -> int:
+    import time
+
+    from .quic.fleet import FleetKeyError, FleetKeys
+
+    path = Path(args.file)
+    try:
+        if args.action == "generate":
+            FleetKeys.generate(path, now=time.time())
+            print(f"{path}: new fleet key file (mode 0600); copy it to every PoP")
+            return 0
+        fleet = FleetKeys.load(path)
+        if args.action == "add":
+            key = fleet.add_key(args.id, now=time.time())
+            fleet.save(path)
+            print(f"{path}: added key {key.key_id}; distribute it to every PoP, then `keys promote --id {key.key_id}`")
+        elif args.action in ("promote", "remove"):
+            if args.id is None:
+                print(f"edgeproxy keys {args.action}: --id is required", file=sys.stderr)
+                return 2
+            (fleet.set_primary if args.action == "promote" else fleet.remove_key)(args.id)
+            fleet.save(path)
+            print(f"{path}: key {args.id} {'is now primary' if args.action == 'promote' else 'removed'}")
+        for key_id, key in sorted(fleet.keys.items()):
+            mark = " (primary)" if key_id == fleet.primary.key_id else ""
+            print(f"key {key_id}{mark}: created {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(key.created))} UTC")
+        return 0
+    except (FleetKeyError, ValueError, OSError) as e:
+        print(f"edgeproxy keys {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgeproxy", description="Anycast edge proxy whose connections survive route flaps.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("--config", "-c", required=True)
 
+    keys = sub.add_parser(
+        "keys",
+        help="manage the fleet key file (rotation: add the new key on every PoP, promote it, remove the old one later)",
+    )
+    keys.add_argument("action", choices=["generate", "list", "add", "promote", "remove"])
+    keys.add_argument("--file", "-f", required=True, help="the fleet key file ([fleet] key_file)")
+    keys.add_argument("--id", type=int, default=None, help="key id for add/promote/remove")
+
     args = parser.parse_args(argv)
     if args.command == "check":
         try:
@@ -132,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         groups = ", ".join(f"{g.name} ({len(g.servers)} servers)" for g in cfg.origin_groups) or "none"
         print(f"{args.config}: ok (pop {cfg.pop.id}; origin groups: {groups})")
         return 0
+
+    if args.command == "keys":
+        return _keys(args)
 
     _install_uvloop()
     if args.command == "demo":
