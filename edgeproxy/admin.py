@@ -7,6 +7,10 @@
                                         PoP's published flows)
   POST /steering/inject                 lab/tests only (steering.inject): JSON list of entries merged
                                         as if replicated from their owners
+  POST /drain[?deadline=S]              drain (edgeproxy.drain): /healthz 503, keep serving, exit when
+                                        idle or after S seconds (default 30); again: new deadline
+  DELETE /drain, POST /drain?cancel=1   back to service (before the drain has finished)
+  GET  /drain                           the drain's state
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class AdminServer:
         self._status = status
         self.steering = steering
         self.steering_inject = steering_inject
+        self.drain: Any = None  # an edgeproxy.drain.Drain, set by the PoP
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -89,7 +94,30 @@ class AdminServer:
             except (ValueError, KeyError, TypeError) as e:
                 return 400, b"application/json", json.dumps({"error": str(e)}).encode() + b"\n"
             return 200, b"application/json", json.dumps(result).encode() + b"\n"
-        return 404, b"application/json", b'{"error": "no such endpoint: /healthz, /metrics, /cache/purge"}\n'
+        if parts.path == "/drain":
+            return self._route_drain(method, query)
+        return 404, b"application/json", b'{"error": "no such endpoint: /healthz, /metrics, /cache/purge, /drain"}\n'
+
+    def _route_drain(self, method: bytes, query: dict[str, list[str]]) -> tuple[int, bytes, bytes]:
+        drain = self.drain
+        if drain is None:
+            return 404, b"application/json", b'{"error": "drain is not available"}\n'
+        cancel = query.get("cancel", ["0"])[0] in ("1", "true", "yes")
+        if method == b"DELETE" or (method == b"POST" and cancel):
+            info = drain.cancel()
+            code = 409 if info.get("finished") else 200
+        elif method == b"POST":
+            try:
+                deadline = drain.parse_deadline(query.get("deadline", [None])[0], drain.default_deadline)
+            except ValueError as e:
+                return 400, b"application/json", json.dumps({"error": str(e)}).encode() + b"\n"
+            info = drain.start(deadline)
+            code = 202
+        elif method in (b"GET", b"HEAD"):
+            info, code = drain.status(), 200
+        else:
+            return 405, b"application/json", b'{"error": "use POST, DELETE or GET"}\n'
+        return code, b"application/json", json.dumps(info).encode() + b"\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -41,6 +41,16 @@ def parse_hostport(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, i
     return (host or default_host, int(port))
 
 
+def parse_advertise(value: str) -> tuple[str, int]:
+    """'host', 'host:port', 'v6', '[v6]' or '[v6]:port' -> (host, port), port 0 when absent."""
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        return value[1:-1], 0
+    if value.startswith("[") or value.count(":") == 1:
+        return parse_hostport(value)
+    return value, 0
+
+
 @dataclass
 class PopSection:
     id: str = "pop1"
@@ -316,6 +326,43 @@ class SteeringSection:
 
 
 @dataclass
+class GossipSection:
+    """Fleet membership by gossip (edgeproxy.membership): every worker is one member of a
+    Serf-compatible SWIM cluster; a member SWIM declares failed or left makes the other PoPs
+    treat its PoP as dead (its QUIC connections get stateless resets), a member that joins is
+    alive and its backhaul address is learnt from its tags, and the flow table replicates to the
+    members over the flow channel. With an empty keyring gossip is plaintext and unauthenticated:
+    anyone who can reach the gossip port can then declare a PoP dead."""
+
+    enabled: bool = False
+    """Run a gossip member in every worker (backhaul.peers then need not be listed)."""
+    bind: str = "0.0.0.0:7946"
+    """UDP and TCP address of the member (host:port); worker i uses port + 2*i (port 0: any)."""
+    advertise: str = ""
+    """Address other members reach this one at: host, or host:port (worker i: port + 2*i);
+    empty means the bind address, which must then not be a wildcard."""
+    join: list[str] = field(default_factory=list)
+    """Seed members (host:port) to join at start, retried like Serf's retry_join until one
+    answers; empty starts a new cluster (others join it)."""
+    retry_interval: float = 30.0
+    """Seconds between join attempts while no seed answers."""
+    retry_max: int = 0
+    """Join attempts before giving up (0 = never give up)."""
+    keyring: str = ""
+    """Serf keyring file (JSON list of base64 AES keys, the first encrypts); empty = plaintext,
+    unauthenticated gossip (see above). The same keyring on every PoP."""
+    profile: str = "lan"
+    """memberlist timing profile: `lan` (failure detected in ~5 s), `wan` or `local`."""
+    region: str = ""
+    """This PoP's region (gossiped in the `region` tag), for flow_scope = "region"."""
+    flow_port: int = 0
+    """UDP port of the flow-table replication channel; 0 means the gossip port + 1. Worker i
+    uses flow_port + 2*i (with 0: its gossip port + 1)."""
+    flow_scope: str = "all"
+    """Replicate flow-table writes to `all` members, or only to those of the same `region`."""
+
+
+@dataclass
 class Config:
     pop: PopSection = field(default_factory=PopSection)
     listen: ListenSection = field(default_factory=ListenSection)
@@ -331,6 +378,7 @@ class Config:
     backhaul: BackhaulSection = field(default_factory=BackhaulSection)
     tickets: TicketsSection = field(default_factory=TicketsSection)
     steering: SteeringSection = field(default_factory=SteeringSection)
+    gossip: GossipSection = field(default_factory=GossipSection)
     base_dir: str = field(default=".", metadata={"internal": True})
     """Directory relative paths in the file are resolved against (the config file's own)."""
 
@@ -469,6 +517,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("log.level", f"must be debug, info, warning or error, got {cfg.log.level!r}")
     _validate_quic_fleet(cfg)
     _validate_steering(cfg)
+    _validate_gossip(cfg)
 
 
 def _validate_quic_fleet(cfg: Config) -> None:
@@ -554,6 +603,39 @@ def _validate_steering(cfg: Config) -> None:
         raise ConfigError("steering.vxlan_port", f"must be 1..65535, got {st.vxlan_port}")
     if st.enabled and not st.backhaul_device:
         raise ConfigError("steering.backhaul_device", "is required when steering is enabled")
+
+
+def _validate_gossip(cfg: Config) -> None:
+    import ipaddress
+
+    g = cfg.gossip
+    try:
+        bind_host, _ = parse_hostport(g.bind)
+    except ValueError as e:
+        raise ConfigError("gossip.bind", str(e)) from None
+    adv_host = g.advertise
+    if g.advertise:
+        try:
+            adv_host, _ = parse_advertise(g.advertise)
+        except ValueError as e:
+            raise ConfigError("gossip.advertise", str(e)) from None
+        try:
+            ipaddress.ip_address(adv_host)
+        except ValueError:
+            raise ConfigError("gossip.advertise", f"must be an IP address (host or host:port), got {g.advertise!r}") from None
+    elif g.enabled and bind_host in ("0.0.0.0", "::", ""):
+        raise ConfigError("gossip.advertise", "is required when gossip.bind is a wildcard address")
+    _addresses("gossip.join", g.join)
+    _positive("gossip.retry_interval", g.retry_interval)
+    _positive("gossip.retry_max", g.retry_max, zero_ok=True)
+    if g.profile not in ("lan", "wan", "local"):
+        raise ConfigError("gossip.profile", f"must be 'lan', 'wan' or 'local', got {g.profile!r}")
+    if not 0 <= g.flow_port < 65536:
+        raise ConfigError("gossip.flow_port", f"must be 0..65535, got {g.flow_port}")
+    if g.flow_scope not in ("all", "region"):
+        raise ConfigError("gossip.flow_scope", f"must be 'all' or 'region', got {g.flow_scope!r}")
+    if g.keyring and g.enabled and not cfg.path(g.keyring).is_file():
+        raise ConfigError("gossip.keyring", f"no such file: {cfg.path(g.keyring)}")
 
 
 def config_from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:

@@ -5,12 +5,16 @@ QUIC in an anycast fleet: the worker's QUIC-LB identity (`quic.identity`), the s
 and backhaul socket (`quic.backhaul`), the flow table (`gossip.flowtable`, local until gossip
 replicates it) and the fleet ticket store (`quic.tickets`) are set up on first use and shared by
 every QUIC listener of the worker.
+
+With ``[gossip] enabled`` the worker also runs a gossip member and the flow channel
+(`edgeproxy.membership`): the membership becomes a `GossipMembership` (failed/left PoPs are
+dead, joining members' backhaul addresses are learnt from their tags) and the flow table
+replicates to the other members, so QUIC Initial and TCP steering publications reach every PoP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -23,13 +27,16 @@ from aioquic.quic.configuration import QuicConfiguration
 from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, parse_hostport
+from .drain import Drain
 from .http.h1server import H1Server
 from .http.semantics import alt_svc_value
+from .membership import FleetGossip, GossipMembership
 from .metrics import Registry
 from .origin.group import OriginGroup
 from .pipeline import Pipeline
 from .quic.backhaul import Backhaul, Peer, StaticMembership
 from .quic.dispatcher import FleetRouting, FlowLookup, QuicDispatcher, start_quic_server
+from .quic.fleet import FleetKeys
 from .quic.identity import ServerIdentity, build_identity, load_fleet_keys, node_name
 from .quic.tickets import FleetTicketStore
 from .steering.service import Steering
@@ -57,11 +64,15 @@ class Pop:
         self.flows: FlowLookup | None = None
         self.backhaul: Backhaul | None = None
         self.tickets: FleetTicketStore | None = None
+        self.gossip: FleetGossip | None = None
+        self._fleet_keys: FleetKeys | None = None
         self._fleet: FleetRouting | None = None
         # TCP steering (config [steering]); created in start() when enabled.
         self.steering: Steering | None = None
         self.admin = AdminServer(self.metrics, purge=self.pipeline.purge, status=self.status)
         self.admin.steering = self.steering_status
+        # Graceful drain (admin POST /drain); created in start() (it needs the running loop).
+        self.drain: Drain | None = None
         self.certs: CertStore | None = None
         self._quic_config: QuicConfiguration | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -128,10 +139,13 @@ class Pop:
         for addr in cfg.listen.quic:
             host, port = parse_hostport(addr)
             await self.start_quic(host, port)
-        if cfg.backhaul.listen:
+        if cfg.backhaul.listen or cfg.gossip.enabled:
             await self._ensure_fleet()
+        if cfg.gossip.enabled:
+            await self._start_gossip()
         if self.quic:  # advertise the port actually bound (the config may say 0)
             self.pipeline.alt_svc = alt_svc_value(self.addresses["quic"][0][1])
+        self.drain = self.admin.drain = Drain(self._set_draining, self.client_connections)
         host, port = parse_hostport(cfg.admin.listen, default_host="127.0.0.1")
         server = await self.admin.listen(host, port + self.worker if port else 0)  # worker i: port + i
         self.addresses["admin"].append(server.sockets[0].getsockname()[:2])
@@ -151,7 +165,12 @@ class Pop:
         q, b = cfg.quic_lb, cfg.backhaul
         identity = build_identity(q, keys, self.worker)
         peers = [Peer(p.name, p.pop_index, p.host_index, parse_hostport(p.address)) for p in b.peers]
-        membership = StaticMembership(node=identity.node, name=cfg.pop.id, listen=None, workers=max(1, b.workers), peers=peers)
+        membership: StaticMembership
+        if cfg.gossip.enabled:
+            membership = GossipMembership(node=identity.node, name=cfg.pop.id, listen=None, workers=max(1, b.workers), peers=peers)
+        else:
+            membership = StaticMembership(node=identity.node, name=cfg.pop.id, listen=None, workers=max(1, b.workers), peers=peers)
+        self._fleet_keys = keys
         if b.listen:
             host, port = parse_hostport(b.listen)
             self.backhaul = Backhaul(keys=keys, sender=identity.sender, membership=membership, metrics=self.metrics, max_skew=b.max_skew)
@@ -185,6 +204,32 @@ class Pop:
             session_ticket_handler=self.tickets.add if self.tickets is not None else None,
         )
         return self._fleet
+
+    async def _start_gossip(self) -> None:
+        """The worker's gossip member and flow channel (config [gossip])."""
+        from gossip.flowtable import FlowTable
+        from gossip.keyring import Keyring
+
+        cfg = self.config
+        assert self.identity is not None and self.membership is not None and self._fleet_keys is not None
+        if not isinstance(self.membership, GossipMembership) or not isinstance(self.flows, FlowTable):
+            log.warning("gossip: the membership or flow table was replaced; gossip off")
+            return
+        g = cfg.gossip
+        keyring = Keyring.from_file(cfg.path(g.keyring)) if g.keyring else None
+        if keyring is None:
+            log.warning("gossip: no keyring: membership gossip is plaintext and unauthenticated "
+                        "(anyone reaching %s can declare a PoP dead)", g.bind)
+        backhaul = self.addresses.get("backhaul", [None])[0]
+        self.gossip = FleetGossip(
+            g, name=self.flows.node, pop=cfg.pop.id, node=self.identity.node, worker=self.worker,
+            membership=self.membership, flows=self.flows, fleet_keys=self._fleet_keys,
+            backhaul=backhaul, keyring=keyring,
+        )
+        await self.gossip.start()
+        self.addresses["gossip"] = [self.gossip.address]
+        if self.gossip.channel is not None:
+            self.addresses["flow"] = [self.gossip.channel.address]
 
     async def _flow_expiry_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -236,6 +281,16 @@ class Pop:
             loop = asyncio.get_running_loop()
             self.admin.steering_inject = lambda items: inject(table, list(items), loop.time())
 
+    # -- drain ----------------------------------------------------------------------------------
+
+    def _set_draining(self, flag: bool) -> None:
+        self.draining = flag
+        self.h1.draining = self.h1s.draining = flag
+
+    def client_connections(self) -> int:
+        """Open client connections: HTTP/1.1 (TCP and TLS) and QUIC (forwarded ones included)."""
+        return len(self.h1.connections) + len(self.h1s.connections) + sum(len(q.connections) for q in self.quic)
+
     def steering_status(self, query: dict[str, list[str]]) -> dict[str, Any]:
         if self.steering is None:
             return {"enabled": False}
@@ -243,17 +298,25 @@ class Pop:
 
     def status(self) -> dict[str, Any]:
         groups = {name: g.status() for name, g in self.groups.items()}
-        return {
+        out: dict[str, Any] = {
             "status": "draining" if self.draining else "ok",
             "pop": self.config.pop.id,
             "uptime_s": round(time.time() - self.started_at, 3),
             "origin_groups": groups,
         }
+        if self.gossip is not None:
+            out["gossip"] = self.gossip.status()
+        return out
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Graceful: stop accepting, let requests in flight finish (up to `grace`), then close."""
+    async def stop(self, grace: float = 10.0, *, leave: bool = True) -> None:
+        """Graceful: stop accepting, let requests in flight finish (up to `grace`), leave the
+        gossip cluster (`leave=False`: stop answering gossip, as a crash would), then close."""
         self.draining = True
+        if self.drain is not None:
+            await self.drain.close()
         await asyncio.gather(self.h1.close(grace), self.h1s.close(grace), *(q.close() for q in self.quic))
+        if self.gossip is not None:
+            await self.gossip.stop(leave=leave)
         if self.steering is not None:
             await self.steering.stop()
         if self.backhaul is not None:
@@ -274,12 +337,14 @@ class Pop:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_certificates)
+        waiters = [loop.create_task(stop.wait())]
+        if self.drain is not None:  # a finished drain (admin POST /drain) stops the worker too
+            waiters.append(loop.create_task(self.drain.finished.wait()))
         try:
-            if duration is None:
-                await stop.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), duration)
+            await asyncio.wait(waiters, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -14,6 +14,10 @@ ROUTER_AS = 65000
 POP_AS = 65100
 LOSS_TABLE = "epl_loss"  # netdev table in a namespace whose links lose packets
 ORIGIN_GROUP = "origin"
+BACKHAUL_PORT = 4434  # UDP, edgeproxy's [backhaul] listen on each PoP's backhaul address
+GOSSIP_PORT = 7946  # edgeproxy's [gossip] bind (the flow channel uses the next port)
+FLEET_KEY_FILE = "fleet-keys.toml"  # in the lab state dir, shared by every PoP (mode 0600)
+GOSSIP_KEYRING_FILE = "gossip-keyring.json"
 # Router-side overrides of one PoP's import, used by flaps: a local_pref, or REJECT (drop its routes).
 REJECT = -1
 
@@ -141,9 +145,105 @@ def edgeproxy_pop_config(plan: LabPlan, pop: str, run_dir: str, *, with_workers:
         "admin": {"listen": f"{p.backhaul_addr}:{ADMIN_PORT}"},
         "log": {"access_log": f"{run_dir}/{pop}/access.log", "level": "info"},
     }
+    survival = topo.lab.survival
     if edgeproxy_has_section("steering"):
         out["steering"] = steering_section(plan, pop)
+        out["steering"]["enabled"] = survival
+    out.update(survival_sections(plan, pop, run_dir, survival=survival))
     return out
+
+
+def pop_index(plan: LabPlan, pop: str) -> int:
+    """The PoP's quic_lb.pop_index: 1, 2, 3 ... in file order."""
+    return [p.name for p in plan.pops()].index(pop) + 1
+
+
+def gossip_in_force() -> bool:
+    """Whether `edgeproxy run` has gossip membership and flow-table replication: the config has a
+    [gossip] section and the PoP wires it. Until then the lab keeps static backhaul peers and
+    relays TCP flows between PoPs itself (lab/supervisor.py --relay-to)."""
+    import os
+
+    want = os.environ.get("EDGEPROXY_LAB_GOSSIP", "auto")  # auto | 1 | 0 (a lab-wide override)
+    if want in ("0", "off", "no") or not flow_replication() or not edgeproxy_has_section("gossip"):
+        return False
+    if want in ("1", "on", "yes"):
+        return True
+    try:
+        import inspect
+
+        from edgeproxy import pop as pop_module
+        return "gossip.enabled" in inspect.getsource(pop_module)
+    except (ImportError, OSError):  # pragma: no cover
+        return False
+
+
+def flow_replication() -> bool:
+    """False with EDGEPROXY_LAB_FLOW_REPLICATION=0: neither gossip nor the lab's relay copies
+    flows between PoPs (tests that inject flows by hand through POST /steering/inject)."""
+    import os
+
+    return os.environ.get("EDGEPROXY_LAB_FLOW_REPLICATION", "1") not in ("0", "off", "no")
+
+
+def survival_sections(plan: LabPlan, pop: str, run_dir: str, *, survival: bool = True,
+                      gossip: bool | None = None) -> dict[str, Any]:
+    """[fleet], [quic_lb], [backhaul], [tickets] (and [gossip]): every PoP has the lab's fleet key
+    file, its own QUIC-LB pop_index, a backhaul socket on its backhaul address and the other PoPs
+    as static peers; fleet session tickets on. Without survival: QUIC-LB and tickets stay on
+    (each PoP alone), no backhaul (no forwarding)."""
+    p = plan.nodes[pop]
+    out: dict[str, Any] = {
+        "fleet": {"key_file": f"{run_dir}/{FLEET_KEY_FILE}"},
+        "quic_lb": {"enabled": True, "pop_index": pop_index(plan, pop), "host_index": 0},
+        "tickets": {"enabled": True},
+    }
+    if not survival:
+        return out
+    others = [q for q in plan.pops() if q.name != pop]
+    out["backhaul"] = {
+        "listen": f"{p.backhaul_addr}:{BACKHAUL_PORT}",
+        "workers": plan.topology.nodes[pop].workers if edgeproxy_supports("workers") else 1,
+        "peers": [{"name": q.name, "pop_index": pop_index(plan, q.name), "host_index": 0,
+                   "address": f"{q.backhaul_addr}:{BACKHAUL_PORT}"} for q in others],
+    }
+    if gossip is None:
+        gossip = gossip_in_force()
+    if gossip:
+        out["gossip"] = {
+            "enabled": True,
+            "bind": f"{p.backhaul_addr}:{GOSSIP_PORT}",
+            "join": [f"{q.backhaul_addr}:{GOSSIP_PORT}" for q in others],
+            "keyring": f"{run_dir}/{GOSSIP_KEYRING_FILE}",
+            "region": "lab",
+            "flow_port": GOSSIP_PORT + 1,
+            "profile": "local",
+            "retry_interval": 1.0,
+        }
+    return out
+
+
+def write_lab_secrets(run_dir: str) -> list[str]:
+    """The lab run's fleet key file and gossip keyring (mode 0600), shared by its PoPs."""
+    import base64
+    import json
+    import os
+    import time
+
+    from edgeproxy.quic.fleet import FleetKeys
+
+    made = []
+    key_file = f"{run_dir}/{FLEET_KEY_FILE}"
+    if not os.path.exists(key_file):
+        FleetKeys.generate(key_file, now=time.time())
+        made.append(key_file)
+    keyring = f"{run_dir}/{GOSSIP_KEYRING_FILE}"
+    if not os.path.exists(keyring):
+        fd = os.open(keyring, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps([base64.b64encode(os.urandom(32)).decode()]) + "\n")
+        made.append(keyring)
+    return made
 
 
 def edgeproxy_has_section(name: str) -> bool:
@@ -156,12 +256,12 @@ def edgeproxy_has_section(name: str) -> bool:
 
 def steering_section(plan: LabPlan, pop: str) -> dict[str, Any]:
     """TCP steering over the shared backhaul bridge (plain routing): every PoP's backhaul address;
-    connections are published after 0.3 s; /steering/inject is on so tests can stand in for
+    connections are published after 0.05 s; /steering/inject is on so tests can stand in for
     flow-table replication."""
     p = plan.nodes[pop]
     return {
         "enabled": True,
-        "min_age": 0.3,
+        "min_age": 0.05,
         "backhaul_device": p.backhaul_if,
         "mode": "route",
         "peers": {q.name: q.backhaul_addr for q in plan.pops()},

@@ -7,9 +7,10 @@
          error or Ctrl-C); prints the summary and exits 1 when a connection did not survive or a
          request failed (CI gate), 2 when the demo itself could not run.
 
-`--no-survival` (demo): the baseline run. It is meant to turn the survival features (QUIC
-forwarding, TCP steering) off in the PoP configs through `up`; the lab topology has no such switch
-yet, so today a baseline run is the same as a normal one, only labelled as a baseline.
+`--no-survival` (demo): the baseline run: `up` with the lab setting `survival = false`, so the PoP
+configs have no backhaul (no QUIC forwarding) and no TCP steering: TCP connections that a flap
+moves to another PoP are reset there; QUIC packets reaching another PoP are dropped, so QUIC
+connections stall (and outlast a short flap only by retransmission).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class Event:
 
 
 def plan_events(duration: float, schedule: str, methods: list[str], *, drain_at: float | None, warmup: float = 3.0,
-                hold: float = 2.0, drain_span: float = 10.0, max_flaps: int = 50) -> list[Event]:
+                hold: float = 2.0, drain_span: float = 6.0, max_flaps: int = 100) -> list[Event]:
     """Flap times from `schedule` (none | periodic:5s | random:SEED:MEAN, as `flap --schedule`),
     in [warmup, duration - hold - 3], none within the drain's span; methods in turn."""
     from .observe import parse_schedule
@@ -204,11 +205,12 @@ def add_subcommands(sub: Any, add_where: Callable[[argparse.ArgumentParser], Non
     demo.add_argument("--policy", choices=("localpref", "ecmp"), help="router policy override")
     demo.add_argument("--report", default=None, help="report directory (default ./edgeproxy-lab-report-<run-id>)")
     demo.add_argument("--no-survival", action="store_true",
-                      help="baseline: survival features off (today the same as a normal run: the switch does not exist yet)")
-    demo.add_argument("--schedule", default="periodic:8s", help="flap schedule: none | periodic:8s | random:SEED:MEAN")
+                      help="baseline: survival features off (no QUIC forwarding, no TCP steering)")
+    demo.add_argument("--schedule", default="periodic:1s",
+                      help="flap schedule: none | periodic:1s (default: about 22 flaps a minute) | random:SEED:MEAN")
     demo.add_argument("--methods", default="withdraw,localpref", help="flap methods, used in turn (default withdraw,localpref)")
     demo.add_argument("--flap-pops", default="best", help="'best' (a PoP on the router's best path at that moment) or a list, e.g. p1,p2")
-    demo.add_argument("--hold", type=float, default=2.0, help="seconds a flapped PoP stays out (default 2)")
+    demo.add_argument("--hold", type=float, default=0.8, help="seconds a flapped or drained PoP stays out (default 0.8)")
     demo.add_argument("--no-drain", action="store_true", help="no drain during the demo")
     demo.add_argument("--drain-pop", default="best", help="PoP to drain (default: the best path's)")
     demo.add_argument("--seed", type=int, default=1, help="seed for PoP choice")

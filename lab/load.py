@@ -305,7 +305,7 @@ class Load:
                 else:
                     self.acc.request(c, ts, (time.perf_counter() - m) * 1000, status, header_pop(headers))
                     if isinstance(conn, H1Conn) and conn.writer is None:  # the server asked to close
-                        self.acc.conn_error(c, time.time(), "closed", "Connection: close")
+                        self.acc.graceful_close(c, time.time())
                         conn = None
                 if conn is None:
                     await self._pause(RECONNECT_PAUSE)
@@ -372,7 +372,7 @@ class Load:
                     conn = None
                     await self._pause(RECONNECT_PAUSE)
                 elif conn.writer is None:
-                    self.acc.conn_error(c, time.time(), "closed", "Connection: close")
+                    self.acc.graceful_close(c, time.time())
                     conn = None
                 if a.stream_gap:
                     await self._pause(a.stream_gap)

@@ -1,13 +1,15 @@
 """`edgeproxy-lab drain POP`: take a PoP out of service through what edgeproxy offers, and back.
 
-edgeproxy's admin API (on the PoP's backhaul address, port 9901) has no drain endpoint yet; its
-`/healthz` answers 503 while the PoP drains, and today a PoP drains only while it shuts down
-(SIGTERM: stop accepting, let requests in flight finish, close). So the lab:
+edgeproxy's admin API (on the PoP's backhaul address, port 9901) drains a PoP with `POST /drain`
+(edgeproxy/drain.py): `/healthz` answers 503, open connections keep being served (HTTP/1.1 ones
+get `Connection: close`, QUIC ones go on through the other PoPs' forwarding once the route has
+moved), and edgeproxy exits when idle or at the deadline. So the lab:
 
-1. asks `POST /drain` on the admin API (from inside the PoP's namespace). When a future edgeproxy
-   answers 2xx, that is the drain: the lab waits for the supervisor to see /healthz fail and
-   withdraw the announcement, holds, then `POST /drain?cancel=1` (proposed) returns it to service.
-2. Today (404): SIGTERM to the PoP's recorded edgeproxy process (by the pid and start time the lab
+1. asks `POST /drain?deadline=S` on the admin API (from inside the PoP's namespace). On 2xx the
+   lab waits for the supervisor to see /healthz fail and withdraw the announcement, holds, then
+   `POST /drain?cancel=1` returns it to service; if edgeproxy had already finished the drain and
+   exited (it was idle), the lab starts it again with its recorded command line.
+2. An edgeproxy without the endpoint (404): SIGTERM to the PoP's recorded edgeproxy process (by the pid and start time the lab
    journalled, never by name): /healthz turns 503, then stops answering; the lab's supervisor
    withdraws the announcement after `health_fall` failed probes. With `--restart` (default) the
    lab then starts edgeproxy again with the same command line (journalled like every lab
@@ -130,8 +132,9 @@ def drain(state: StateDir, pop: str, *, restart: bool = True, hold: float = 2.0,
     try:
         _, before = _route(plan)
         t0 = time.time()
-        status, body = admin_post(plan, pop, "/drain")
-        if 200 <= status < 300:  # a future edgeproxy drains itself; the supervisor withdraws it
+        rec0 = edgeproxy_record(state, ns)
+        status, body = admin_post(plan, pop, f"/drain?deadline={max(30.0, hold + 2 * timeout):g}")
+        if 200 <= status < 300:  # edgeproxy drains itself; the supervisor withdraws it
             withdrawn = _wait(lambda: _health(state, pop) is False, timeout)
             e = _entry(state, plan, mon, pop, "down", "POST /drain", t0, before, fib_timeout, withdrawn=withdrawn)
             entries.append(e)
@@ -140,9 +143,18 @@ def drain(state: StateDir, pop: str, *, restart: bool = True, hold: float = 2.0,
             _, before = _route(plan)
             t1 = time.time()
             s2, _ = admin_post(plan, pop, "/drain?cancel=1")
+            how = "POST /drain?cancel=1"
+            extra: dict[str, Any] = {}
+            if s2 != 200 and restart and rec0 is not None and not alive(int(rec0["pid"]), rec0.get("starttime")):
+                # the drain had finished (idle) and edgeproxy exited: start it again
+                mon.close()
+                extra["pid"] = _restart(state, rec0)
+                mon = RouteMonitor(state, plan.router.ns, lab.prefix)
+                how += f" -> {s2 or 'no answer'}: edgeproxy had exited (drain finished); restarted"
             back = _wait(lambda: _health(state, pop) is True, timeout)
-            entries.append(_entry(state, plan, mon, pop, "up", "POST /drain?cancel=1", t1, before, fib_timeout,
-                                  admin_status=s2, announced=back))
+            entries.append(_entry(state, plan, mon, pop, "up", how, t1, before, fib_timeout,
+                                  admin_status=s2, announced=back, **extra))
+            log(f"drain {pop}: {how}; announced again {back}")
             return entries
         rec = edgeproxy_record(state, ns)
         if rec is None:

@@ -1,7 +1,9 @@
 """Load accounting (pure): per-connection survival, per-request latency and errors, histograms.
 
 A connection *survived* when it was opened once (one handshake), never reset, never timed out and
-never closed by the peer, and its first connect worked. Every request is kept as a compact row
+never closed by the peer, and its first connect worked. A graceful close (the server's
+`Connection: close` on a complete response, as a draining PoP sends) loses nothing: the client
+opens a new connection for its next request, and that reconnect is not counted against survival. Every request is kept as a compact row
 (wall-clock start, connection index, latency in ms, HTTP status or 0, answering PoP or "", error or
 "") so the report can place it on a timeline next to the flap log (also wall clock).
 """
@@ -52,6 +54,7 @@ class Conn:
     resets: int = 0
     timeouts: int = 0
     closed: int = 0
+    graceful: int = 0  # graceful closes (Connection: close on a complete response), reconnected
     protocol_errors: int = 0
     requests_ok: int = 0
     requests_failed: int = 0
@@ -61,7 +64,7 @@ class Conn:
 
     @property
     def survived(self) -> bool:
-        return (self.handshakes == 1 and self.connect_failures == 0 and self.resets == 0
+        return (self.handshakes - self.graceful == 1 and self.connect_failures == 0 and self.resets == 0
                 and self.timeouts == 0 and self.closed == 0 and self.protocol_errors == 0)
 
     @property
@@ -72,7 +75,7 @@ class Conn:
         return {"index": self.index, "proto": self.proto, "kind": self.kind, "client": self.client,
                 "survived": self.survived, "handshakes": self.handshakes,
                 "connect_failures": self.connect_failures, "resets": self.resets,
-                "timeouts": self.timeouts, "closed": self.closed, "protocol_errors": self.protocol_errors,
+                "timeouts": self.timeouts, "closed": self.closed, "graceful": self.graceful, "protocol_errors": self.protocol_errors,
                 "requests_ok": self.requests_ok, "requests_failed": self.requests_failed,
                 "bytes": self.bytes, "pops": self.pops, "errors": self.errors[:200]}
 
@@ -122,6 +125,12 @@ class Accounting:
             c.protocol_errors += 1
         if len(c.errors) < self.MAX_ERRORS_PER_CONN:
             c.errors.append([round(ts, 6), kind, detail[:200], c.last_pop])
+
+    def graceful_close(self, c: Conn, ts: float, detail: str = "Connection: close") -> None:
+        """The server ended the connection after a complete response (a drain): not a loss."""
+        c.graceful += 1
+        if len(c.errors) < self.MAX_ERRORS_PER_CONN:
+            c.errors.append([round(ts, 6), "graceful", detail[:200], c.last_pop])
 
     def request(self, c: Conn, ts: float, latency_ms: float, status: int, pop: str, error: str = "") -> None:
         """One finished request. `error` is "" for a good answer, an ERROR_KINDS value otherwise; an

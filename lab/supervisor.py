@@ -6,16 +6,24 @@ until the PoP's health changes. Runs inside the PoP's namespace, one process per
 
     python -m lab.supervisor --state-dir DIR --pop p1 --url http://10.201.0.1:9901/healthz \
         --ctl DIR/p1/bird.ctl [--interval 0.5 --fall 2 --rise 2 --max-seconds 86400]
+        [--relay-from http://10.201.0.1:9901 --relay-to http://10.201.0.2:9901,... --relay-interval 0.2]
+
+With --relay-to it also stands in for flow-table replication (until gossip replicates it in
+`edgeproxy run`): every --relay-interval s it reads the TCP flows its PoP published
+(GET /steering?own=1) and merges them into the other PoPs (POST /steering/inject), so their
+kernel steering sends a moved TCP connection's packets back to its owner.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +49,34 @@ def birdc(ctl: str, *args: str) -> tuple[bool, str]:
         return False, str(e)
     text = (r.stdout + r.stderr).strip()
     return r.returncode == 0 and "Unable to connect" not in text, text
+
+
+def relay_once(source: str, targets: list[str], timeout: float = 1.0) -> tuple[int, int]:
+    """One relay round: (flows read, targets that took them)."""
+    with _OPENER.open(f"{source}/steering?own=1&limit=1000000", timeout=timeout) as resp:
+        own = json.loads(resp.read()).get("own", [])
+    if not own:
+        return 0, 0
+    body = json.dumps(own).encode()
+    ok = 0
+    for t in targets:
+        req = urllib.request.Request(f"{t}/steering/inject", data=body, method="POST",
+                                     headers={"content-type": "application/json"})
+        try:
+            with _OPENER.open(req, timeout=timeout) as resp:
+                ok += resp.status == 200
+        except (OSError, ValueError):
+            continue  # that PoP is down or restarting: next round
+    return len(own), ok
+
+
+def relay_loop(source: str, targets: list[str], interval: float, stop: threading.Event, deadline: float,
+               state: Path) -> None:
+    """Bounded: until `stop`, the deadline, or the state directory is gone."""
+    while not stop.is_set() and time.monotonic() < deadline and state.is_dir():
+        with contextlib.suppress(OSError, ValueError):
+            relay_once(source, targets)
+        stop.wait(interval)
 
 
 class Supervisor:
@@ -94,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fall", type=int, default=2)
     p.add_argument("--rise", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=86400.0, help="exit after this long")
+    p.add_argument("--relay-from", default="", help="this PoP's admin base URL (flow relay source)")
+    p.add_argument("--relay-to", default="", help="other PoPs' admin base URLs, comma-separated (flow relay)")
+    p.add_argument("--relay-interval", type=float, default=0.2)
     args = p.parse_args(argv)
     stop = False
 
@@ -105,11 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     sup = Supervisor(args)
     deadline = time.monotonic() + args.max_seconds
+    relay_stop = threading.Event()
+    relay: threading.Thread | None = None
+    targets = [t for t in args.relay_to.split(",") if t]
+    if args.relay_from and targets:
+        relay = threading.Thread(target=relay_loop, daemon=True, name="relay",
+                                 args=(args.relay_from, targets, max(0.05, args.relay_interval), relay_stop, deadline, sup.state))
+        relay.start()
     # Bounded: by time, by a signal, and by the state directory (gone after `down`).
     while not stop and time.monotonic() < deadline and sup.state.is_dir():
         started = time.monotonic()
         sup.step()
         time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    relay_stop.set()
+    if relay is not None:
+        relay.join(timeout=2.0)
     return 0
 
 

@@ -58,6 +58,9 @@ class LabSettings:
     """How often each PoP's supervisor polls the PoP's /healthz."""
     health_fall: int = 2
     health_rise: int = 2
+    survival: bool = True
+    """Connection survival in the PoP configs: QUIC-LB + backhaul forwarding, fleet tickets, TCP
+    steering (and gossip when edgeproxy has it). false: the baseline, none of them."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def _unknown(key: str, data: dict[str, Any], known: tuple[str, ...]) -> None:
 
 
 LAB_KEYS = ("anycast", "prefix", "router_policy", "rp_filter", "bfd_ms", "hold_s", "keepalive_s",
-            "health_interval_s", "health_fall", "health_rise")
+            "health_interval_s", "health_fall", "health_rise", "survival")
 NODE_KEYS: dict[str, tuple[str, ...]] = {
     "client": ("kind",),
     "router": ("kind", "asn"),
@@ -203,7 +206,10 @@ def _parse_lab(data: dict[str, Any]) -> LabSettings:
         raise TopologyError("lab.health_interval_s", f"must be 0.05..60, got {interval}")
     fall = _int("lab.health_fall", data.get("health_fall", d.health_fall), 1, 100)
     rise = _int("lab.health_rise", data.get("health_rise", d.health_rise), 1, 100)
-    return LabSettings(str(addr), str(net), policy, rp, bfd, hold, keepalive, interval, fall, rise)
+    survival = data.get("survival", d.survival)
+    if not isinstance(survival, bool):
+        raise TopologyError("lab.survival", f"must be true or false, got {survival!r}")
+    return LabSettings(str(addr), str(net), policy, rp, bfd, hold, keepalive, interval, fall, rise, survival)
 
 
 def _parse_node(name: str, data: Any) -> Node:

@@ -172,6 +172,9 @@ def test_load_topology_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_edgeproxy_config_is_valid(tmp_path: Path) -> None:
     plan = make_plan(load_topology(), "x")
+    configgen.write_lab_secrets(str(tmp_path))  # the run's fleet keys and gossip keyring
+    assert (tmp_path / configgen.FLEET_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / configgen.GOSSIP_KEYRING_FILE).stat().st_mode & 0o777 == 0o600
     for pop in ("p1", "p2", "p3"):
         data = configgen.edgeproxy_pop_config(plan, pop, str(tmp_path), with_workers=False)
         text = configgen.dump_toml(data)
@@ -181,6 +184,12 @@ def test_edgeproxy_config_is_valid(tmp_path: Path) -> None:
         assert cfg.listen.http == ["203.0.113.1:80"] and cfg.listen.https == cfg.listen.quic == ["203.0.113.1:443"]
         assert cfg.admin.listen == f"{plan.nodes[pop].backhaul_addr}:9901"
         assert cfg.origin_groups[0].servers == ["10.201.0.101:8080"]
+        # survival on: shared fleet keys, own QUIC-LB index, static backhaul peers, tickets, steering
+        assert cfg.fleet.key_file == f"{tmp_path}/{configgen.FLEET_KEY_FILE}"
+        assert cfg.quic_lb.enabled and cfg.quic_lb.pop_index == int(pop[1:])
+        assert cfg.backhaul.listen == f"{plan.nodes[pop].backhaul_addr}:{configgen.BACKHAUL_PORT}"
+        assert sorted(p.name for p in cfg.backhaul.peers) == sorted({"p1", "p2", "p3"} - {pop})
+        assert cfg.tickets.enabled and cfg.steering.enabled
     with_workers = configgen.edgeproxy_pop_config(plan, "p1", str(tmp_path), with_workers=True)
     assert with_workers["pop"]["workers"] == 1
 
@@ -316,3 +325,15 @@ def test_cli_check_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "links[1].loss: must be >= 0 and < 1" in capsys.readouterr().err
     assert cli.main(["load"]) == 2
     assert cli.main(["status", "--state-dir", str(tmp_path / "none")]) == 1
+
+
+def test_edgeproxy_config_without_survival(tmp_path: Path) -> None:
+    import dataclasses
+
+    topo = load_topology()
+    plan = make_plan(dataclasses.replace(topo, lab=dataclasses.replace(topo.lab, survival=False)), "x")
+    configgen.write_lab_secrets(str(tmp_path))
+    data = configgen.edgeproxy_pop_config(plan, "p1", str(tmp_path), with_workers=False)
+    cfg = config_from_dict(tomllib.loads(configgen.dump_toml(data)), base_dir=str(tmp_path))
+    assert cfg.backhaul.listen == "" and not cfg.backhaul.peers and not cfg.steering.enabled
+    assert not getattr(getattr(cfg, "gossip", None), "enabled", False)

@@ -39,7 +39,9 @@ CLIENT = REPO / "tests" / "steering_client.py"
 
 
 def lab(*args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    # The flows are copied between PoPs by hand here: no gossip replication, no lab relay.
+    env = {**os.environ, "EDGEPROXY_LAB_FLOW_REPLICATION": "0"}
+    r = subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check:
         assert r.returncode == 0, f"edgeproxy-lab {' '.join(args)}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r

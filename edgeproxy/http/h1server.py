@@ -447,6 +447,8 @@ class H1Protocol(asyncio.Protocol):
     def response_bytes(self, head: ResponseHead, extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
         """The serialised head. `extra` fields are spliced in after the codec's serialisation, so
         a head shared between requests (`head.memo`) keeps one h11 event for all of them."""
+        if self.server.draining and head.status != 101:
+            self.must_close = True  # the PoP drains: this is the connection's last response
         if extra is not None and head.memo is not None and head.status != 101 and not self.must_close:
             event = head.memo.get("h11")
             if event is None:
@@ -721,6 +723,7 @@ class H1Server:
         self.protocol = "https" if scheme == "https" else "http"
         self.connections: set[H1Protocol] = set()
         self.closing = False
+        self.draining = False  # set by the PoP's drain: responses carry Connection: close
         # Told about every accepted connection: `opened(local, peer)` / `closed(local, peer)`.
         self.connection_observer: ConnectionObserver | None = connection_observer
         self._servers: list[asyncio.Server] = []
