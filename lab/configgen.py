@@ -256,12 +256,13 @@ def edgeproxy_has_section(name: str) -> bool:
 
 def steering_section(plan: LabPlan, pop: str) -> dict[str, Any]:
     """TCP steering over the shared backhaul bridge (plain routing): every PoP's backhaul address;
-    connections are published after 0.05 s; /steering/inject is on so tests can stand in for
+    connections are published at accept (min_age 0: a flap right after a handshake must find the
+    flow at the other PoPs already); /steering/inject is on so tests can stand in for
     flow-table replication."""
     p = plan.nodes[pop]
     return {
         "enabled": True,
-        "min_age": 0.05,
+        "min_age": 0.0,
         "backhaul_device": p.backhaul_if,
         "mode": "route",
         "peers": {q.name: q.backhaul_addr for q in plan.pops()},
