@@ -238,6 +238,12 @@ class QuicLBSection:
     """This PoP's index, unique in the fleet (below 2**pop_bits)."""
     host_index: int = 0
     """This host's index within its PoP (below 2**host_bits)."""
+    retry_above: int = 1000
+    """Handshakes in progress on this worker from which a client Initial without a valid
+    address-validation token (Retry or NEW_TOKEN, minted by any PoP) is answered with a Retry
+    instead of creating a connection, so spoofed Initials cannot cost handshakes; 0 = always."""
+    retry_token_lifetime: float = 10.0
+    """Seconds a Retry token is accepted after it was issued (any PoP, 2 s clock skew allowed)."""
 
 
 @dataclass
@@ -524,8 +530,9 @@ def _validate_quic_fleet(cfg: Config) -> None:
     from .quic.lb import MAX_PLAINTEXT_LEN, LBConfig, ServerIdLayout
 
     q = cfg.quic_lb
-    for name in ("config_id", "pop_bits", "host_bits", "worker_bits", "server_id_len", "nonce_len", "pop_index", "host_index"):
+    for name in ("config_id", "pop_bits", "host_bits", "worker_bits", "server_id_len", "nonce_len", "pop_index", "host_index", "retry_above"):
         _positive(f"quic_lb.{name}", getattr(q, name), zero_ok=True)
+    _positive("quic_lb.retry_token_lifetime", q.retry_token_lifetime)
     if q.config_id > 6:
         raise ConfigError("quic_lb.config_id", f"must be 0..6 (7 marks unroutable CIDs), got {q.config_id}")
     try:

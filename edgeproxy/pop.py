@@ -202,6 +202,9 @@ class Pop:
             backhaul=self.backhaul,
             session_ticket_fetcher=self.tickets.fetch if self.tickets is not None else None,
             session_ticket_handler=self.tickets.add if self.tickets is not None else None,
+            tokens=keys,
+            retry_above=q.retry_above,
+            retry_token_lifetime=q.retry_token_lifetime,
         )
         return self._fleet
 

@@ -38,6 +38,15 @@ Routing rules (first match wins; see the reference notes, sections 1.3 and 2):
 4. A datagram that arrived over the backhaul is never forwarded again
    (``dropped_forward_loop``), whatever the tables say.
 
+Address validation (RFC 9000 section 8.1): an Initial that will be accepted is first checked
+for a token. A Retry token (sealed with the fleet key, so minted by any PoP) that opens for the
+client's address and the Initial's DCID validates the address, and the connection is created
+with the token's original DCID and Retry SCID (aioquic then sends the matching transport
+parameters); so does a NEW_TOKEN token that opens for the client's IP. An invalid token only
+means "not validated", never a drop. While `retry_above` or more handshakes are in progress on
+this node, an unvalidated Initial gets a `Retry` (route ``retry``), which creates no state: a
+flood of spoofed Initials cannot cost handshakes. The Retry's SCID is a CID of this node.
+
 Without a `RoutingIdentity` (plain single-node mode) only rule 1 and the Initial rules apply,
 with random CIDs of a fixed length, as aioquic's own server does.
 
@@ -59,6 +68,7 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -76,7 +86,7 @@ from aioquic.quic.connection import (
     QuicReceiveContext,
     stream_is_unidirectional,
 )
-from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion
+from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion, encode_quic_retry
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
@@ -85,7 +95,17 @@ from aioquic.tls import SessionTicketFetcher, SessionTicketHandler
 from gossip.flowtable import quic_initial_key
 
 from ..metrics import Registry
-from .fleet import MIN_STATELESS_RESET
+from .fleet import (
+    MIN_SECRET_LENGTH,
+    MIN_STATELESS_RESET,
+    RETRY_TOKEN_LIFETIME,
+    FleetKey,
+    FleetKeys,
+    NewTokenContents,
+    RetryTokenContents,
+    TokenKind,
+    token_kind,
+)
 from .packet import (
     MIN_INITIAL_DATAGRAM_SIZE,
     QUIC_V1,
@@ -114,6 +134,9 @@ MIN_CLIENT_DCID_LENGTH = 8
 # Seconds a published handshake flow entry lives: long enough for the handshake (after it the
 # client uses server-chosen, routable CIDs), refreshed for unroutable CID entries.
 DEFAULT_FLOW_TTL = 30.0
+# Handshakes in progress on this worker at or above which an Initial without a valid address
+# validation token is answered with a Retry instead of creating a connection.
+DEFAULT_RETRY_ABOVE = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +240,21 @@ class Accept:
     version: int
     token: bytes
     flow_key: bytes | None = None
+    # Set when a Retry token validated the address: the Initial's DCID, which the Retry chose
+    # (`original_dcid` is then the client's first DCID, from the token).
+    retry_scid: bytes | None = None
     route = "new"
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Answer this v1 Initial with a Retry (its address is not validated and this node is
+    busy); `original_dcid` is the Initial's DCID, `scid` the client's SCID."""
+
+    original_dcid: bytes
+    scid: bytes
+    version: int
+    route = "retry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +292,7 @@ class Drop:
         return f"dropped_{self.reason}"
 
 
-Action = Deliver[H] | Accept | Forward | Reset | VersionNegotiation | Drop
+Action = Deliver[H] | Accept | Retry | Forward | Reset | VersionNegotiation | Drop
 
 
 class Router(Generic[H]):
@@ -278,8 +315,17 @@ class Router(Generic[H]):
         membership: Membership | None = None,
         flows: FlowLookup | None = None,
         flow_name: str | None = None,
+        tokens: FleetKeys | None = None,
+        retry_above: int | None = None,
+        retry_token_lifetime: float = RETRY_TOKEN_LIFETIME,
     ) -> None:
         self.identity = identity
+        # Address validation: `tokens` opens Retry and NEW_TOKEN tokens; with `retry_above`
+        # (None: never) handshakes in progress, unvalidated Initials get a Retry.
+        self.tokens = tokens
+        self.retry_above = retry_above
+        self.retry_token_lifetime = retry_token_lifetime
+        self._handshaking: set[H] = set()
         self.cid_length = identity.cid_length if identity is not None else cid_length
         self.max_connections = max_connections
         self.versions = tuple(versions)
@@ -302,8 +348,20 @@ class Router(Generic[H]):
     def cids_of(self, handle: H) -> frozenset[bytes]:
         return frozenset(self._by_handle.get(handle, ()))
 
+    @property
+    def handshakes_in_progress(self) -> int:
+        return len(self._handshaking)
+
     def add_connection(self, handle: H) -> None:
+        """A new connection, whose handshake is in progress until `handshake_done`."""
         self._by_handle.setdefault(handle, set())
+        self._handshaking.add(handle)
+
+    def handshaking(self, handle: H) -> bool:
+        return handle in self._handshaking
+
+    def handshake_done(self, handle: H) -> None:
+        self._handshaking.discard(handle)
 
     def register(self, cid: bytes, handle: H) -> bool:
         """Map `cid` to `handle`; False (and no change) if another connection already owns it."""
@@ -324,6 +382,7 @@ class Router(Generic[H]):
 
     def forget(self, handle: H) -> None:
         """Drop a connection and all its CIDs."""
+        self._handshaking.discard(handle)
         for cid in self._by_handle.pop(handle, ()):
             if self._cids.get(cid) is handle:
                 del self._cids[cid]
@@ -340,12 +399,19 @@ class Router(Generic[H]):
         return self.cid_length if length is None else length
 
     def route(
-        self, data: bytes, addr: NetworkAddress, now: float, *, forwarded: bool = False
+        self,
+        data: bytes,
+        addr: NetworkAddress,
+        now: float,
+        *,
+        forwarded: bool = False,
+        wall_now: float | None = None,
     ) -> Action[H]:
         """Decide what to do with one datagram from `addr` received at `now`.
 
         `forwarded` says it crossed the backhaul already (then `addr` is the client's address
         as the forwarding node saw it): it is delivered or accepted here, or dropped.
+        `wall_now` is the Unix time tokens are checked against (defaults to `now`).
         """
         header = parse_header(data, self._short_cid_length(data))
         if isinstance(header, Malformed):
@@ -376,7 +442,9 @@ class Router(Generic[H]):
             if handle is not None:
                 return Deliver(handle)
             if header.packet_type in (LongPacketType.INITIAL, LongPacketType.ZERO_RTT):
-                return self._route_client_long(header, data, addr, now, forwarded)
+                return self._route_client_long(
+                    header, data, addr, now, forwarded, now if wall_now is None else wall_now
+                )
             return self._route_by_cid(header.dcid, data, now, forwarded, short=False)
 
         # Short header. Version unknown by construction; every connection we run is v1 without
@@ -410,7 +478,13 @@ class Router(Generic[H]):
         return node
 
     def _route_client_long(
-        self, header: LongHeader, data: bytes, addr: NetworkAddress, now: float, forwarded: bool
+        self,
+        header: LongHeader,
+        data: bytes,
+        addr: NetworkAddress,
+        now: float,
+        forwarded: bool,
+        wall_now: float,
     ) -> Action[H]:
         """An Initial or 0-RTT packet with a DCID this node has no connection for."""
         flow_key = initial_flow_key(addr, header.dcid) if self.flows is not None else None
@@ -431,13 +505,42 @@ class Router(Generic[H]):
             return Drop("initial_dcid_too_short")
         if self.connection_count >= self.max_connections:
             return Drop("max_connections")
+        validated, original_dcid, retry_scid = self._validate_token(header, addr, wall_now)
+        if (
+            not validated
+            and self.retry_above is not None
+            and self.handshakes_in_progress >= self.retry_above
+        ):
+            return Retry(original_dcid=header.dcid, scid=header.scid, version=header.version)
         return Accept(
-            original_dcid=header.dcid,
+            original_dcid=original_dcid,
             scid=header.scid,
             version=header.version,
             token=header.token,
             flow_key=flow_key,
+            retry_scid=retry_scid,
         )
+
+    def _validate_token(
+        self, header: LongHeader, addr: NetworkAddress, wall_now: float
+    ) -> tuple[bool, bytes, bytes | None]:
+        """(address validated, original DCID, Retry SCID) for an Initial's token. An invalid
+        token means "not validated" (RFC 9000 section 8.1.3), never a drop."""
+        token = header.token
+        if not token or self.tokens is None:
+            return False, header.dcid, None
+        kind = token_kind(token)
+        if kind is TokenKind.RETRY:
+            opened = self.tokens.open_retry_token(
+                token, addr, wall_now, dcid=header.dcid, lifetime=self.retry_token_lifetime
+            )
+            if isinstance(opened, RetryTokenContents):
+                return True, opened.original_dcid, opened.retry_scid
+        elif kind is TokenKind.NEW_TOKEN and isinstance(
+            self.tokens.open_new_token(token, addr, wall_now), NewTokenContents
+        ):
+            return True, header.dcid, None
+        return False, header.dcid, None
 
     def _route_by_cid(
         self, dcid: bytes, data: bytes, now: float, forwarded: bool, *, short: bool
@@ -829,8 +932,14 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         flow_name: str | None = None,
         flow_ttl: float = DEFAULT_FLOW_TTL,
         backhaul: ForwardSink | None = None,
+        tokens: FleetKeys | None = None,
+        retry_above: int | None = DEFAULT_RETRY_ABOVE,
+        retry_token_lifetime: float = RETRY_TOKEN_LIFETIME,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        if tokens is None:
+            # A lone server: Retry tokens only need to open here.
+            tokens = FleetKeys([FleetKey(0, os.urandom(MIN_SECRET_LENGTH), int(time.time()))], 0)
         self._configuration_factory = configuration_factory
         self._protocol_factory = protocol_factory
         self._max_streams_bidi = max_streams_bidi
@@ -849,6 +958,9 @@ class QuicDispatcher(asyncio.DatagramProtocol):
             membership=membership,
             flows=flows,
             flow_name=flow_name,
+            tokens=tokens,
+            retry_above=retry_above,
+            retry_token_lifetime=retry_token_lifetime,
         )
         self._transport: asyncio.DatagramTransport | None = None
         self._owns_transport = True
@@ -937,7 +1049,9 @@ class QuicDispatcher(asyncio.DatagramProtocol):
             self._datagrams.inc("dropped_closing")
             return
         try:
-            action = self.router.route(data, addr, self._loop.time(), forwarded=forwarded)
+            action = self.router.route(
+                data, addr, self._loop.time(), forwarded=forwarded, wall_now=time.time()
+            )
             route = self._execute(action, data, addr)
         except Exception:
             # A bug must cost one datagram, not the listener.
@@ -958,6 +1072,8 @@ class QuicDispatcher(asyncio.DatagramProtocol):
             if protocol is None:
                 return "dropped_accept_failed"
             return self._deliver(protocol, data, addr, action.route)
+        if isinstance(action, Retry):
+            return self._retry(action, addr)
         if isinstance(action, Forward):
             backhaul = self.backhaul
             if backhaul is None or not backhaul.forward(
@@ -983,10 +1099,28 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         except Exception:
             log.exception("QUIC connection failed on a datagram from %s", addr)
             return "dropped_connection_error"
+        if self.router.handshaking(protocol) and protocol.quic._handshake_complete:
+            self.router.handshake_done(protocol)
         keys = self._cid_keys.get(protocol)
         if keys is not None:
             self._refresh_cid_keys(keys)
         return route
+
+    def _retry(self, action: Retry, addr: Any) -> str:
+        """Send a Retry whose SCID is a fresh CID of this node; no state is kept."""
+        assert self._transport is not None and self.router.tokens is not None
+        if self.identity is not None:
+            retry_scid = self.identity.new_cid()
+        else:
+            retry_scid = os.urandom(self.router.cid_length)
+        token = self.router.tokens.make_retry_token(
+            addr, action.original_dcid, retry_scid, now=time.time()
+        )
+        packet = encode_quic_retry(
+            action.version, retry_scid, action.scid, action.original_dcid, token
+        )
+        self._transport.sendto(packet, addr)
+        return action.route
 
     def _server_configuration(self, base: QuicConfiguration) -> QuicConfiguration:
         # The dispatcher owns what routing depends on: server role, v1 only (the router answers
@@ -1008,6 +1142,7 @@ class QuicDispatcher(asyncio.DatagramProtocol):
             connection = EdgeQuicConnection(
                 configuration=configuration,
                 original_destination_connection_id=action.original_dcid,
+                retry_source_connection_id=action.retry_scid,
                 session_ticket_fetcher=self._session_ticket_fetcher,
                 session_ticket_handler=self._session_ticket_handler,
                 max_streams_bidi=self._max_streams_bidi,
@@ -1027,7 +1162,8 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         protocol._connection_terminated_handler = partial(self._terminated, protocol)
         self._connections.add(protocol)
         self.router.add_connection(protocol)
-        self.router.register(action.original_dcid, protocol)
+        # The DCID the client's Initials carry: its own choice, or the Retry's SCID.
+        self.router.register(action.retry_scid or action.original_dcid, protocol)
         self.router.register(connection.host_cid, protocol)
         if action.flow_key is not None:
             # Other nodes now forward this handshake's Initials (same client, same DCID) here.
@@ -1204,6 +1340,12 @@ class FleetRouting:
     backhaul: ForwardSink | None = None
     session_ticket_fetcher: SessionTicketFetcher | None = None
     session_ticket_handler: SessionTicketHandler | None = None
+    # Address validation: the fleet keys that seal Retry/NEW_TOKEN tokens (None: a per-process
+    # key), the handshakes in progress from which Initials without a valid token get a Retry
+    # (None: never) and the Retry token lifetime in seconds.
+    tokens: FleetKeys | None = None
+    retry_above: int | None = DEFAULT_RETRY_ABOVE
+    retry_token_lifetime: float = RETRY_TOKEN_LIFETIME
 
 
 def make_h3_dispatcher(
@@ -1254,6 +1396,9 @@ def make_h3_dispatcher(
         flow_name=fleet.flow_name,
         flow_ttl=fleet.flow_ttl,
         backhaul=fleet.backhaul,
+        tokens=fleet.tokens,
+        retry_above=fleet.retry_above,
+        retry_token_lifetime=fleet.retry_token_lifetime,
     )
 
 
@@ -1315,6 +1460,7 @@ __all__ = [
     "NodeId",
     "QuicDispatcher",
     "Reset",
+    "Retry",
     "Router",
     "RoutingIdentity",
     "VersionNegotiation",
