@@ -8,7 +8,7 @@
   edgeproxy-lab load   [--h3 N --h1 M --streams K --rate R --duration S] [--out DIR]
                                                           HTTP/3 + HTTP/1.1 load from the clients, survival summary
   edgeproxy-lab drain  POP [--no-restart]                 drain a PoP through POST /drain, then bring it back
-  edgeproxy-lab demo   [--duration S] [--report DIR] [--no-survival]
+  edgeproxy-lab demo   [--duration S] [--report DIR] [--no-survival] [--no-external]
                                                           up, load + flaps + a drain, report, down; exit 1 on any loss
   edgeproxy-lab down   [--keep-logs]                      remove exactly what `up` recorded
 

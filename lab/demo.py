@@ -214,6 +214,8 @@ def add_subcommands(sub: Any, add_where: Callable[[argparse.ArgumentParser], Non
     demo.add_argument("--no-drain", action="store_true", help="no drain during the demo")
     demo.add_argument("--drain-pop", default="best", help="PoP to drain (default: the best path's)")
     demo.add_argument("--seed", type=int, default=1, help="seed for PoP choice")
+    demo.add_argument("--no-external", action="store_true",
+                      help="do not run the external clients (gtlsclient, curl) from c1 during the load")
     add_load_args(demo, duration=60.0)
 
 
@@ -307,11 +309,15 @@ def cmd_demo(args: argparse.Namespace, log: Log = print) -> int:
     signal.signal(signal.SIGTERM, on_term)
     state = StateDir(state_dir)
     procs: list[LoadProc] = []
+    ext: LoadProc | None = None
     report: dict[str, Any] | None = None
     t_start = time.monotonic()
     try:
         plan = netns.up(topo_text, run_id, state_dir, overrides=overrides, timeout=60.0, log=log)  # removes itself on failure
         procs = start_load(state, args, baseline=args.no_survival, tag="demo")
+        if not args.no_external:
+            from .external import start_external
+            ext = start_external(state, plan, args.duration, log=log)
         load_t0 = time.monotonic()
         log(f"load: {len(procs)} clients x ({args.h3} HTTP/3 + {args.h1} HTTP/1.1 at {args.rate:g} req/s + {args.streams} "
             f"downloads) for {args.duration:g} s; {sum(e.kind == 'flap' for e in events)} flaps and "
@@ -338,11 +344,15 @@ def cmd_demo(args: argparse.Namespace, log: Log = print) -> int:
         left = wait_load(state, procs, max(0.0, load_t0 + args.duration - time.monotonic()) + args.req_timeout + 20)
         if left:
             stop_load(state, left)
+        if ext is not None:
+            from .external import stop_external
+            stop_external(state, ext)
         results = read_results(procs)
         if not results:
             raise RuntimeError("no load results (see the load logs)")
         flaps = read_jsonl(state.path / "flaps.jsonl")
-        report = write_report(report_dir, results, flaps)
+        external = read_jsonl(ext.out) if ext is not None else None
+        report = write_report(report_dir, results, flaps, external=external)
         report["run"]["baseline"] = bool(args.no_survival)
         (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     except KeyboardInterrupt:
@@ -353,9 +363,13 @@ def cmd_demo(args: argparse.Namespace, log: Log = print) -> int:
         if procs:
             with contextlib.suppress(Exception):
                 stop_load(state, procs)
+        if ext is not None:
+            from .external import stop_external
+            with contextlib.suppress(Exception):
+                stop_external(state, ext)
         with contextlib.suppress(OSError):  # keep the raw material with the report; the state dir goes
             report_dir.mkdir(parents=True, exist_ok=True)
-            raw = [f for p in procs for f in (p.out, p.log)] + [state.path / n for n in ("flaps.jsonl", "health.jsonl")]
+            raw = [f for p in procs + ([ext] if ext else []) for f in (p.out, p.log)] + [state.path / n for n in ("flaps.jsonl", "health.jsonl")]
             for f in raw:
                 if f.exists():
                     shutil.copy(f, report_dir / f.name)

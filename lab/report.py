@@ -118,7 +118,10 @@ def flap_summary(flaps: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(loads: list[dict[str, Any]], flaps: list[dict[str, Any]], window: float = WINDOW_S) -> dict[str, Any]:
+def summarize(loads: list[dict[str, Any]], flaps: list[dict[str, Any]], window: float = WINDOW_S,
+              external: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`external`: the runs of clients edgeproxy did not write (lab/external.py), or None when
+    they did not run; a failed run fails the verdict unless the survival features were off."""
     windows = flap_windows(flaps, window)
     allrows = rows(loads)
     conns = [c for load in loads for c in load.get("connections", [])]
@@ -176,6 +179,14 @@ def summarize(loads: list[dict[str, Any]], flaps: list[dict[str, Any]], window: 
                       "requests_per_s": round(total_req / span, 2) if span > 0 else None}
     if not conns:
         failures.append("no load results")
+    if external is not None:
+        from .external import summarize as external_summary
+        ext = external_summary(external)
+        report["external_clients"] = ext
+        if report["run"]["survival_features"]:
+            for name, e in ext.items():
+                if e["failed"]:
+                    failures.append(f"{name}: {e['failed']} of {e['runs']} runs failed")
     report["ok"] = not failures
     report["failures"] = failures
     return report
@@ -197,6 +208,9 @@ def format_summary(r: dict[str, Any]) -> str:
         if "downloads" in e:
             d = e["downloads"]
             lines.append(f"     downloads {d['ok']}/{d['count']} complete, {d['bytes'] / 2**20:.0f} MiB, {d['mbit_s']} Mbit/s")
+    if "external_clients" in r:
+        lines.append("external clients: " + "; ".join(f"{k} {e['ok']}/{e['runs']} ok, {e['failed']} failed"
+                                                      for k, e in r["external_clients"].items()))
     lines.append("RESULT: " + ("ok: every connection survived and every request succeeded" if r["ok"] else "FAIL: " + "; ".join(r["failures"])))
     return "\n".join(lines)
 
@@ -380,6 +394,11 @@ def render_html(report: dict[str, Any], loads: list[dict[str, Any]], flaps: list
                  _ms(e["latency_ms_after_flap"]["p99"]), _ms(e["latency_ms_after_flap"]["max"]),
                  e["requests_failed_after_flap"], e["requests_per_s"]]
         rows_html.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    ext_html = ""
+    if "external_clients" in report:
+        ext_html = ('<h2>External clients</h2>\n<table id="external"><tr><th>client</th><th>runs</th><th>ok</th><th>failed</th></tr>'
+                    + "".join(f"<tr><td>{_esc(k)}</td><td>{e['runs']}</td><td>{e['ok']}</td><td>{e['failed']}</td></tr>"
+                              for k, e in report["external_clients"].items()) + "</table>\n")
     verdict = "ok" if report["ok"] else "FAIL: " + "; ".join(report["failures"])
     f = report["flaps"]
     return f"""<!doctype html>
@@ -401,7 +420,7 @@ survival features {'on' if report['run']['survival_features'] else 'OFF (baselin
 <th>p99 &le;{report['window_s']:g} s after flap</th><th>max after flap</th><th>failed after flap</th><th>req/s</th></tr>
 {''.join(rows_html)}
 </table>
-<p>Show: <label><input type="checkbox" data-proto="quic" checked> QUIC</label>
+{ext_html}<p>Show: <label><input type="checkbox" data-proto="quic" checked> QUIC</label>
 <label><input type="checkbox" data-proto="tcp" checked> TCP</label></p>
 {render_svg(loads, flaps)}
 <h2>Summary</h2>
@@ -412,10 +431,10 @@ survival features {'on' if report['run']['survival_features'] else 'OFF (baselin
 
 
 def write_report(out_dir: str | Path, loads: list[dict[str, Any]], flaps: list[dict[str, Any]],
-                 window: float = WINDOW_S) -> dict[str, Any]:
+                 window: float = WINDOW_S, external: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = summarize(loads, flaps, window)
+    report = summarize(loads, flaps, window, external)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.html").write_text(render_html(report, loads, flaps))
     return report

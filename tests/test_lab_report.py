@@ -166,3 +166,57 @@ def test_report_cli(tmp_path: Path) -> None:
     assert report.read_jsonl(flaps) == FLAPS
     assert report.main([str(f), "--flaps", str(flaps), "--out", str(tmp_path / "out")]) == 1
     assert (tmp_path / "out" / "report.html").exists()
+
+
+EXTERNAL = [
+    {"client": "gtlsclient", "start": T0 + 1, "end": T0 + 4, "ok": True, "detail": "20971520 bytes"},
+    {"client": "curl", "start": T0 + 4, "end": T0 + 5, "ok": True, "detail": "200 20971520 bytes"},
+    {"client": "gtlsclient", "start": T0 + 5, "end": T0 + 15, "ok": False, "detail": "short file: 1048576 of 20971520 bytes"},
+    {"client": "curl", "start": T0 + 15, "end": T0 + 16, "ok": True, "detail": "200 20971520 bytes"},
+]
+
+
+def _clean_load() -> dict[str, Any]:
+    acc = Accounting("c1")
+    c = acc.new_conn("tcp", "rr")
+    acc.handshake(c)
+    for i in range(10):
+        acc.request(c, T0 + i, 1.0, 200, "p1")
+    return acc.to_json({"client": "c1", "started": T0, "ended": T0 + 10}, 10.0)
+
+
+def test_external_clients_counted_and_gate_the_verdict(tmp_path: Path) -> None:
+    r = report.summarize([_clean_load()], [], external=EXTERNAL)
+    assert r["external_clients"] == {"gtlsclient": {"runs": 2, "ok": 1, "failed": 1}, "curl": {"runs": 2, "ok": 2, "failed": 0}}
+    assert not r["ok"] and r["failures"] == ["gtlsclient: 1 of 2 runs failed"]
+    assert "external clients: gtlsclient 1/2 ok, 1 failed; curl 2/2 ok, 0 failed" in report.format_summary(r)
+    ok = report.summarize([_clean_load()], [], external=[e for e in EXTERNAL if e["ok"]])
+    assert ok["ok"] and ok["external_clients"]["gtlsclient"] == {"runs": 1, "ok": 1, "failed": 0}
+    # not run at all: no entry, no effect; the baseline (survival features off) is not failed by them
+    assert "external_clients" not in report.summarize([_clean_load()], [])
+    base = _clean_load()
+    base["meta"]["survival_features"] = False
+    assert report.summarize([base], [], external=EXTERNAL)["ok"]
+    report.write_report(tmp_path, [_clean_load()], [], external=EXTERNAL)
+    page = (tmp_path / "report.html").read_text()
+    p = _Collect()
+    p.feed(page)
+    assert ("table", {"id": "external"}) in p.tags and "<td>gtlsclient</td><td>2</td><td>1</td><td>1</td>" in page
+    assert json.loads((tmp_path / "report.json").read_text())["external_clients"]["curl"]["runs"] == 2
+
+
+def test_external_judgements() -> None:
+    from lab import external
+
+    want = 20 << 20
+    assert external.judge_gtls(0, [want], want, False, "") == (True, f"{want} bytes")
+    assert external.judge_gtls(0, [want - 1], want, False, "")[0] is False
+    assert external.judge_gtls(1, [want], want, False, "boom")[0] is False
+    assert external.judge_gtls(-1, [want], want, True, "")[0] is False
+    assert external.judge_curl(0, f"200 {want}", want, False, "")[0] is True
+    assert external.judge_curl(0, f"502 {want}", want, False, "")[0] is False
+    assert external.judge_curl(0, "200 5", want, False, "")[0] is False
+    assert external.judge_curl(28, "200 5", want, True, "timeout")[0] is False
+    argv = external.gtls_argv("203.0.113.1", 20, Path("/tmp/x"), 10)
+    assert argv[:4] == ["gtlsclient", "--exit-on-all-streams-close", "--no-quic-dump", "--no-http-dump"]
+    assert argv[-3:] == ["203.0.113.1", "443", "https://203.0.113.1/stream?mb=20"]
