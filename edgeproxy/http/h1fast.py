@@ -275,30 +275,117 @@ def _probe_llhttp() -> bool:
 _LLHTTP_STRICT = _probe_llhttp()
 
 
-class FastServerConnection:
-    """The server role of ``h11.Connection``: same events, states, errors and output bytes."""
+class _H11Cycle:
+    """What the server and client roles share: h11's pair of states and its state-triggered
+    transitions, the receive buffer, the request/response cycle and Content-Length bodies. (Their
+    chunked readers differ only in how h11 words their errors, so each role keeps its own.)"""
 
     __slots__ = (
         "_buf",
         "_c",
-        "_chunk_discard",
-        "_chunk_left",
-        "_chunked",
         "_closed",
         "_connect_proposed",
-        "_content_length",
-        "_in_trailer",
         "_keep_alive",
         "_line_scan",
         "_lines_scan",
-        "_max",
-        "_out_left",
-        "_out_mode",
         "_remaining",
         "_request_method",
         "_s",
-        "_sink",
         "_upgrade_proposed",
+    )
+
+    _buf: bytearray
+    _c: _State
+    _s: _State
+    _closed: bool
+    _connect_proposed: bool
+    _keep_alive: bool
+    _line_scan: int
+    _lines_scan: int
+    _remaining: int
+    _request_method: bytes | None
+    _upgrade_proposed: bool
+
+    @property
+    def states(self) -> dict[_State, _State]:
+        return {h11.CLIENT: self._c, h11.SERVER: self._s}
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        return (bytes(self._buf), self._closed)
+
+    def start_next_cycle(self) -> None:
+        if self._c is not _DONE or self._s is not _DONE:
+            raise _LocalError(f"not in a reusable state. self.states={self.states}")
+        self._c = self._s = _IDLE
+        self._request_method = None
+
+    def _fire(self) -> None:
+        """h11's state-triggered transitions, applied until nothing changes."""
+        c, s = self._c, self._s
+        while True:
+            c0, s0 = c, s
+            # A pending switch proposal wins over keep-alive (h11 gives it priority).
+            if self._upgrade_proposed or self._connect_proposed:
+                if c is _DONE:
+                    c = _MIGHT_SWITCH
+            elif c is _MIGHT_SWITCH:
+                c = _DONE
+            if not self._keep_alive:
+                if c is _DONE:
+                    c = _MUST_CLOSE
+                if s is _DONE:
+                    s = _MUST_CLOSE
+            if c is _MIGHT_SWITCH and s is _SWITCHED:
+                c = _SWITCHED
+            elif (c is _CLOSED and (s is _DONE or s is _IDLE)) or (c is _ERROR and s is _DONE):
+                s = _MUST_CLOSE
+            elif (s is _CLOSED and (c is _DONE or c is _IDLE)) or (s is _ERROR and c is _DONE):
+                c = _MUST_CLOSE
+            if c is c0 and s is s0:
+                break
+        self._c, self._s = c, s
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            if self._closed:
+                raise RuntimeError("received close, then received more data?")
+            self._buf += data
+        else:
+            self._closed = True
+
+    def _read_length(self) -> h11.Data | h11.EndOfMessage | None:
+        remaining = self._remaining
+        if remaining == 0:
+            return _EMPTY_EOM
+        buf = self._buf
+        if not buf:
+            return None
+        if len(buf) <= remaining:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:remaining])
+            del buf[:remaining]
+        self._lines_scan = self._line_scan = 0
+        self._remaining = remaining - len(data)
+        return _Data(data=data)
+
+
+
+class FastServerConnection(_H11Cycle):
+    """The server role of ``h11.Connection``: same events, states, errors and output bytes."""
+
+    __slots__ = (
+        "_chunk_discard",
+        "_chunk_left",
+        "_chunked",
+        "_content_length",
+        "_in_trailer",
+        "_max",
+        "_out_left",
+        "_out_mode",
+        "_sink",
         "client_is_waiting_for_100_continue",
         "their_http_version",
     )
@@ -342,62 +429,14 @@ class FastServerConnection:
         return self._c
 
     @property
-    def states(self) -> dict[_State, _State]:
-        return {h11.CLIENT: self._c, h11.SERVER: self._s}
-
-    @property
     def they_are_waiting_for_100_continue(self) -> bool:
         return self.client_is_waiting_for_100_continue
-
-    @property
-    def trailing_data(self) -> tuple[bytes, bool]:
-        return (bytes(self._buf), self._closed)
-
-    def start_next_cycle(self) -> None:
-        if self._c is not _DONE or self._s is not _DONE:
-            raise _LocalError(f"not in a reusable state. self.states={self.states}")
-        self._c = self._s = _IDLE
-        self._request_method = None
 
     def send_failed(self) -> None:
         self._s = _ERROR
         self._fire()
 
-    def _fire(self) -> None:
-        """h11's state-triggered transitions, applied until nothing changes."""
-        c, s = self._c, self._s
-        while True:
-            c0, s0 = c, s
-            # A pending switch proposal wins over keep-alive (h11 gives it priority).
-            if self._upgrade_proposed or self._connect_proposed:
-                if c is _DONE:
-                    c = _MIGHT_SWITCH
-            elif c is _MIGHT_SWITCH:
-                c = _DONE
-            if not self._keep_alive:
-                if c is _DONE:
-                    c = _MUST_CLOSE
-                if s is _DONE:
-                    s = _MUST_CLOSE
-            if c is _MIGHT_SWITCH and s is _SWITCHED:
-                c = _SWITCHED
-            elif (c is _CLOSED and (s is _DONE or s is _IDLE)) or (c is _ERROR and s is _DONE):
-                s = _MUST_CLOSE
-            elif (s is _CLOSED and (c is _DONE or c is _IDLE)) or (s is _ERROR and c is _DONE):
-                c = _MUST_CLOSE
-            if c is c0 and s is s0:
-                break
-        self._c, self._s = c, s
-
     # -- receiving ----------------------------------------------------------------------------
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            if self._closed:
-                raise RuntimeError("received close, then received more data?")
-            self._buf += data
-        else:
-            self._closed = True
 
     def next_event(self) -> Any:
         """The next h11 event, ``h11.NEED_DATA`` or ``h11.PAUSED``; h11's rules and errors."""
@@ -630,23 +669,6 @@ class FastServerConnection:
             self._content_length = self._remaining = (
                 int(content_length) if content_length is not None else 0
             )
-
-    def _read_length(self) -> h11.Data | h11.EndOfMessage | None:
-        remaining = self._remaining
-        if remaining == 0:
-            return _EMPTY_EOM
-        buf = self._buf
-        if not buf:
-            return None
-        if len(buf) <= remaining:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:remaining])
-            del buf[:remaining]
-        self._lines_scan = self._line_scan = 0
-        self._remaining = remaining - len(data)
-        return _Data(data=data)
 
     def _read_chunked(self) -> h11.Data | h11.EndOfMessage | None:
         buf = self._buf

@@ -73,6 +73,7 @@ from .h1fast import (
     _VALUE_BYTES,
     _comma_values,
     _decode_trailer_lines,
+    _H11Cycle,
     _HeaderSink,
     _write_fields,
 )
@@ -212,30 +213,19 @@ def _probe_llhttp() -> bool:
 _LLHTTP_STRICT = _probe_llhttp()
 
 
-class FastClientConnection:
+class FastClientConnection(_H11Cycle):
     """The client role of ``h11.Connection``: same events, states, errors and output bytes."""
 
     __slots__ = (
-        "_buf",
-        "_c",
         "_chunk_discard",
         "_chunk_left",
-        "_closed",
-        "_connect_proposed",
         "_content_length",
         "_in_trailer",
-        "_keep_alive",
-        "_line_scan",
-        "_lines_scan",
         "_max",
         "_out_left",
         "_out_mode",
         "_reader",
-        "_remaining",
-        "_request_method",
-        "_s",
         "_sink",
-        "_upgrade_proposed",
         "client_is_waiting_for_100_continue",
         "their_http_version",
     )
@@ -279,62 +269,14 @@ class FastClientConnection:
         return self._s
 
     @property
-    def states(self) -> dict[_State, _State]:
-        return {h11.CLIENT: self._c, h11.SERVER: self._s}
-
-    @property
     def they_are_waiting_for_100_continue(self) -> bool:
         return False  # only a server's peer (a client) can be waiting
-
-    @property
-    def trailing_data(self) -> tuple[bytes, bool]:
-        return (bytes(self._buf), self._closed)
-
-    def start_next_cycle(self) -> None:
-        if self._c is not _DONE or self._s is not _DONE:
-            raise _LocalError(f"not in a reusable state. self.states={self.states}")
-        self._c = self._s = _IDLE
-        self._request_method = None
 
     def send_failed(self) -> None:
         self._c = _ERROR
         self._fire()
 
-    def _fire(self) -> None:
-        """h11's state-triggered transitions, applied until nothing changes."""
-        c, s = self._c, self._s
-        while True:
-            c0, s0 = c, s
-            # A pending switch proposal wins over keep-alive (h11 gives it priority).
-            if self._upgrade_proposed or self._connect_proposed:
-                if c is _DONE:
-                    c = _MIGHT_SWITCH
-            elif c is _MIGHT_SWITCH:
-                c = _DONE
-            if not self._keep_alive:
-                if c is _DONE:
-                    c = _MUST_CLOSE
-                if s is _DONE:
-                    s = _MUST_CLOSE
-            if c is _MIGHT_SWITCH and s is _SWITCHED:
-                c = _SWITCHED
-            elif (c is _CLOSED and (s is _DONE or s is _IDLE)) or (c is _ERROR and s is _DONE):
-                s = _MUST_CLOSE
-            elif (s is _CLOSED and (c is _DONE or c is _IDLE)) or (s is _ERROR and c is _DONE):
-                c = _MUST_CLOSE
-            if c is c0 and s is s0:
-                break
-        self._c, self._s = c, s
-
     # -- receiving ----------------------------------------------------------------------------
-
-    def receive_data(self, data: bytes) -> None:
-        if data:
-            if self._closed:
-                raise RuntimeError("received close, then received more data?")
-            self._buf += data
-        else:
-            self._closed = True
 
     def next_event(self) -> Any:
         """The next h11 event, ``h11.NEED_DATA`` or ``h11.PAUSED``; h11's rules and errors."""
@@ -570,23 +512,6 @@ class FastClientConnection:
                 self._content_length = self._remaining = int(content_length)
             else:
                 self._reader = _R_EOF
-
-    def _read_length(self) -> h11.Data | h11.EndOfMessage | None:
-        remaining = self._remaining
-        if remaining == 0:
-            return _EMPTY_EOM
-        buf = self._buf
-        if not buf:
-            return None
-        if len(buf) <= remaining:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:remaining])
-            del buf[:remaining]
-        self._lines_scan = self._line_scan = 0
-        self._remaining = remaining - len(data)
-        return _Data(data=data)
 
     def _read_until_eof(self) -> h11.Data | None:
         buf = self._buf
