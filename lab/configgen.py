@@ -150,6 +150,8 @@ def edgeproxy_pop_config(plan: LabPlan, pop: str, run_dir: str, *, with_workers:
         out["steering"] = steering_section(plan, pop)
         out["steering"]["enabled"] = survival
     out.update(survival_sections(plan, pop, run_dir, survival=survival))
+    # The topology's worker count, also without survival (edgeproxy's default is one per core).
+    out.setdefault("backhaul", {})["workers"] = node.workers
     return out
 
 
@@ -203,7 +205,6 @@ def survival_sections(plan: LabPlan, pop: str, run_dir: str, *, survival: bool =
     others = [q for q in plan.pops() if q.name != pop]
     out["backhaul"] = {
         "listen": f"{p.backhaul_addr}:{BACKHAUL_PORT}",
-        "workers": plan.topology.nodes[pop].workers if edgeproxy_supports("workers") else 1,
         "peers": [{"name": q.name, "pop_index": pop_index(plan, q.name), "host_index": 0,
                    "address": f"{q.backhaul_addr}:{BACKHAUL_PORT}"} for q in others],
     }

@@ -385,7 +385,7 @@ def status(state: StateDir) -> dict[str, Any]:
                         "health": state.read_json(f"{p.name}/health.json", {}),
                         "edgeproxy_alive": bool(edge) and all(e["alive"] for e in edge),
                         "workers": plan.topology.nodes[p.name].workers,
-                        "workers_in_force": plan.topology.nodes[p.name].workers if configgen.edgeproxy_supports("workers") else 1}
+                        "workers_in_force": plan.topology.nodes[p.name].workers}
     out["pops"] = pops
     out["impairments"] = state.read_json("impairments.json", [])
     return out

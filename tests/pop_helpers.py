@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,3 +171,38 @@ async def get(addr: tuple[str, int], path: str, **kw: Any) -> Response:
         return await client.request("GET", path, **kw)
     finally:
         client.close()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for PoPs run as separate processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_pop_toml(tmp_path: Path, *, pop_id: str, http_port: int, admin_port: int, origin_port: int, workers: int) -> Path:
+    """The config of a plain-HTTP PoP for `edgeproxy run` in a subprocess; `workers` is explicit
+    because the default (one per core) makes the started process a supervisor, not a worker."""
+    cfg = tmp_path / "pop.toml"
+    cfg.write_text(
+        f"""
+[pop]
+id = "{pop_id}"
+state_dir = "{tmp_path}"
+[listen]
+http = ["127.0.0.1:{http_port}"]
+https = []
+quic = []
+[[origin_groups]]
+servers = ["127.0.0.1:{origin_port}"]
+[origin_groups.health]
+enabled = false
+[admin]
+listen = "127.0.0.1:{admin_port}"
+[backhaul]
+workers = {workers}
+[log]
+access_log = ""
+"""
+    )
+    return cfg

@@ -7,24 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pop_helpers import RawClient
+from pop_helpers import RawClient, free_port, write_pop_toml
 
 from edgeproxy.demo import DemoOrigin
 
 GIB = 1024**3
 MEMORY_BOUND = 200 * 1024**2  # the whole process, interpreter included; the body is 5x that
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _peak_rss(pid: int) -> int:
@@ -38,27 +31,9 @@ def _peak_rss(pid: int) -> int:
 async def proxy(tmp_path: Path) -> AsyncIterator[tuple[int, int]]:
     origin = DemoOrigin()
     origin_port = await origin.listen()
-    port, admin = _free_port(), _free_port()
-    cfg = tmp_path / "pop.toml"
-    cfg.write_text(
-        f"""
-[pop]
-id = "stream"
-state_dir = "{tmp_path}"
-[listen]
-http = ["127.0.0.1:{port}"]
-https = []
-quic = []
-[[origin_groups]]
-servers = ["127.0.0.1:{origin_port}"]
-[origin_groups.health]
-enabled = false
-[admin]
-listen = "127.0.0.1:{admin}"
-[log]
-access_log = ""
-"""
-    )
+    port, admin = free_port(), free_port()
+    # One worker, so the process started is the one whose peak memory is measured.
+    cfg = write_pop_toml(tmp_path, pop_id="stream", http_port=port, admin_port=admin, origin_port=origin_port, workers=1)
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "edgeproxy", "run", "--config", str(cfg), stderr=asyncio.subprocess.PIPE)
     try:
         for _ in range(100):

@@ -6,19 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
-from pop_helpers import get
+from pop_helpers import free_port, get, write_pop_toml
 
 from edgeproxy.demo import DemoOrigin
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -37,29 +30,8 @@ def _children(pid: int) -> list[int]:
 async def test_two_workers_share_the_port_and_restart(tmp_path: Path) -> None:
     origin = DemoOrigin()
     origin_port = await origin.listen()
-    port, admin = _free_port(), _free_port()
-    cfg = tmp_path / "pop.toml"
-    cfg.write_text(
-        f"""
-[pop]
-id = "w"
-state_dir = "{tmp_path}"
-[listen]
-http = ["127.0.0.1:{port}"]
-https = []
-quic = []
-[[origin_groups]]
-servers = ["127.0.0.1:{origin_port}"]
-[origin_groups.health]
-enabled = false
-[admin]
-listen = "127.0.0.1:{admin}"
-[backhaul]
-workers = 2
-[log]
-access_log = ""
-"""
-    )
+    port, admin = free_port(), free_port()
+    cfg = write_pop_toml(tmp_path, pop_id="w", http_port=port, admin_port=admin, origin_port=origin_port, workers=2)
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "edgeproxy", "run", "--config", str(cfg))
     try:
         for _ in range(200):
