@@ -99,15 +99,20 @@ async def run_child(args: argparse.Namespace) -> None:
                 stamps[pub].append(ts)
 
     table.listeners.append(on_change)
-    stalls: list[tuple[float, float]] = []  # (time since start, loop stall ms) over 20 ms
+    # (time since start, loop stall ms, CPU ms this process used meanwhile) for stalls > 20 ms
+    stalls: list[tuple[float, float, float]] = []
 
     async def watch_loop() -> None:
         while True:
             t0 = time.monotonic()
+            c0 = time.process_time()
             await asyncio.sleep(0.005)
             lag = time.monotonic() - t0 - 0.005
             if lag > 0.02:
-                stalls.append((round(time.time() - args.start_at, 2), round(lag * 1000, 1)))
+                cpu = (time.process_time() - c0) * 1000
+                stalls.append(
+                    (round(time.time() - args.start_at, 2), round(lag * 1000, 1), round(cpu, 1))
+                )
 
     gc_pauses: list[tuple[float, int, float]] = []
     gc_t0 = [0.0]
@@ -323,7 +328,8 @@ def report(res: dict[str, Any], title: str, args: argparse.Namespace, offered: f
             f"{c.get('catchup_packets', 0)}, dropped "
             f"{sum(v for k, v in c.items() if k.startswith('drop.'))}, loop stalls > 20 ms: "
             f"{len(s['loop_stalls'])} (max {max((x[1] for x in s['loop_stalls']), default=0):.0f}"
-            f" ms)"
+            f" ms), GC pauses > 5 ms: {len(s['gc_pauses'])} (max "
+            f"{max((x[2] for x in s['gc_pauses']), default=0):.0f} ms)"
         )
     ok_rate = res["sustained_rate"] >= TARGET_RATE
     ok_p99 = res["p99_ms"] <= TARGET_P99_MS

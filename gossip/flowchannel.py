@@ -3,7 +3,7 @@
 :class:`FlowChannel` owns one UDP socket (its own port, by default the gossip port + 1) and moves
 the bytes of a :class:`~gossip.flowtable.FlowReplicator`:
 
-* **Deltas at once.** A table listener notices local writes (``table.has_pending``) and
+* **Deltas at once.** The table's ``on_local_write`` hook notices local writes and
   schedules one flush for the next loop iteration, so a burst of publishes made in one callback
   goes out as a few full packets, each sent to every peer in scope.
 * **Backpressure.** A flush carries at most the replicator's ``max_delta_packets``; what it
@@ -14,9 +14,9 @@ the bytes of a :class:`~gossip.flowtable.FlowReplicator`:
 * **Anti-entropy.** Every ``gossip_interval`` (jittered ±20 %) a digest goes to one random peer
   in scope; every datagram is passed to :meth:`FlowReplicator.receive` under the sender's name
   (found from its source address) and the replies go back to it.
-* **Expiry.** ``table.expire(now)`` every ``expire_interval`` (50 ms: purging is about 3 us an
-  entry, so a once-a-second purge of a busy table stalls the loop for a large fraction of a
-  second; small frequent purges keep each stall to milliseconds).
+* **Expiry.** ``table.expire(now)`` every ``expire_interval`` (50 ms: purging is about 1 us an
+  entry, so a once-a-second purge of a busy table would stall the loop; small frequent purges
+  of at most ``EXPIRE_BATCH`` records per loop turn keep each stall to a few milliseconds).
 
 Peers are ``{name: ((host, port), region)}`` (:meth:`FlowChannel.set_peers`), or follow a
 :class:`~gossip.agent.GossipAgent`'s membership (:meth:`FlowChannel.attach`): every alive or
@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gossip.agent import GossipAgent
-from gossip.flowtable import FlowEntry, FlowReplicator
+from gossip.flowtable import FlowReplicator
 from gossip.swim import Addr, MemberEvent, State
 
 __all__ = ["FLOW_PORT_TAG", "REGION_TAG", "FlowChannel"]
@@ -53,6 +53,8 @@ REGION_TAG = "region"
 #: keeps the system default: on loopback a datagram is charged to its sender until read, so a
 #: small send buffer bounds the queue (and the latency) a slow receiver builds up.
 RECV_BUF = 4 * 1024 * 1024
+#: Records purged per loop turn at most (about 1 us each).
+EXPIRE_BATCH = 2000
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -101,13 +103,15 @@ class FlowChannel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._gossip_handle: asyncio.TimerHandle | None = None
-        self._expire_handle: asyncio.TimerHandle | None = None
+        self._expire_handle: asyncio.Handle | None = None
         self._paused = False
         self._drained: asyncio.Event | None = None
         self._agent: GossipAgent | None = None
         self._port_offset = 1
         self._stopped = False
-        self.table.listeners.append(self._on_change)
+        if self.table.on_local_write is not None:
+            raise ValueError("the table already has a channel")
+        self.table.on_local_write = self._on_local_write
         if peers:
             self.set_peers(peers)
 
@@ -200,8 +204,8 @@ class FlowChannel:
         if self._stopped:
             return
         self._stopped = True
-        with contextlib.suppress(ValueError):
-            self.table.listeners.remove(self._on_change)
+        if self.table.on_local_write == self._on_local_write:
+            self.table.on_local_write = None
         if self._agent is not None:
             self._agent.remove_listener(self._on_member_event)
         for h in (self._flush_handle, self._gossip_handle, self._expire_handle):
@@ -227,8 +231,8 @@ class FlowChannel:
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] += n
 
-    def _on_change(self, key: bytes, old: FlowEntry | None, new: FlowEntry | None) -> None:
-        if self._flush_handle is None and self.table.has_pending:
+    def _on_local_write(self) -> None:
+        if self._flush_handle is None:
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -308,10 +312,17 @@ class FlowChannel:
         self._expire_handle = None
         if self._stopped or self._loop is None:
             return
+        more = False
         try:
-            self.table.expire(self.clock())
+            more = self.table.expire(self.clock(), limit=EXPIRE_BATCH) >= EXPIRE_BATCH
         finally:
-            self._expire_handle = self._loop.call_later(self.expire_interval, self._expire)
+            # A large purge (a burst of flows ending together) goes on in the next loop turn,
+            # after packets and other callbacks had theirs.
+            self._expire_handle = (
+                self._loop.call_soon(self._expire)
+                if more
+                else self._loop.call_later(self.expire_interval, self._expire)
+            )
 
     # --- receiving --------------------------------------------------------------------------
 

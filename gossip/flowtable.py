@@ -43,8 +43,8 @@ Restarts
 
 Bounds
     ``max_entries`` caps stored records (live entries and tombstones). A local ``publish`` into a
-    full table evicts a remote record (tombstones first, then the remote entry written least
-    recently) and raises :class:`FlowTableFull` only when every record is this PoP's own: the
+    full table evicts a remote record (tombstones first, then the oldest write of the remote
+    origin that holds the most records) and raises :class:`FlowTableFull` only when every record is this PoP's own: the
     flows a PoP owns are the ones it must announce, whereas a missing remote entry only means a
     misrouted packet is handled locally. A *new* remote key arriving at a full table is refused
     (``rejected.full``) rather than evicting another PoP's entry, so one chatty origin cannot
@@ -87,7 +87,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgpack
 
@@ -141,6 +141,8 @@ _PACKET_HEADER = 6  # fixarray(3) + version + kind + array16 header
 _GROUP_HEADER = 22  # fixarray(4) + uint64 lo + uint64 hi + array16 header (+ the packed origin)
 _MIN_MTU = 512
 _MAX_HELD_RANGES = 32
+#: Expiry-wheel slots per second (a slot is 10 ms).
+_SLOTS_PER_S = 100
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -239,9 +241,12 @@ def _check_name(name: object) -> str:
 # The table
 
 
-@dataclass(frozen=True, slots=True)
-class FlowEntry:
-    """One flow's ownership record, as written by ``owner`` (its origin stream)."""
+class FlowEntry(NamedTuple):
+    """One flow's ownership record, as written by ``owner`` (its origin stream).
+
+    A named tuple rather than a frozen dataclass: receivers build one per replicated entry, and
+    a tuple is about three times cheaper to construct.
+    """
 
     key: FlowKey
     owner: str
@@ -262,6 +267,64 @@ class FlowEntry:
     def rank(self) -> tuple[int, str, int]:
         """Last-writer-wins order: higher epoch, then owner name (tie-break), then version."""
         return (self.epoch, self.owner, self.origin_version)
+
+
+class _OriginLog:
+    """One origin's stored keys in write order, with their versions: the owner index and the
+    source of :meth:`FlowTable.stream`.
+
+    A key is re-inserted at the end on every write, so the dict holds one item per key and never
+    needs compacting. Writes that arrive in version order (every own write, and a peer's deltas)
+    keep ``versions`` ascending; one that arrives below ``top`` (a gap filled late by
+    anti-entropy) is also noted in ``late``. Walking back from the newest end over the in-order
+    items can therefore stop at the first version <= the lower bound, and only ``late`` (small
+    unless the links are very lossy) needs a full scan: a catch-up reply for a peer that is a
+    few packets behind costs what it sends, not the size of the table.
+    """
+
+    __slots__ = ("late", "top", "versions")
+
+    def __init__(self) -> None:
+        self.versions: dict[bytes, int] = {}
+        self.top = 0
+        self.late: dict[bytes, int] = {}
+
+    def put(self, key: bytes, version: int) -> None:
+        versions = self.versions
+        if versions.pop(key, None) is not None and self.late:
+            self.late.pop(key, None)
+        versions[key] = version
+        if version > self.top:
+            self.top = version
+        else:
+            self.late[key] = version
+
+    def drop(self, key: bytes) -> None:
+        if self.versions.pop(key, None) is not None and self.late:
+            self.late.pop(key, None)
+
+    def between(self, after: int, upto: int) -> list[tuple[int, bytes]]:
+        """``(version, key)`` with ``after < version <= upto``, ascending."""
+        late = self.late
+        picked: list[tuple[int, bytes]] = []
+        for key, version in reversed(self.versions.items()):
+            if late and key in late:
+                continue
+            if version <= after:
+                break
+            if version <= upto:
+                picked.append((version, key))
+        if late:
+            picked.extend((v, k) for k, v in late.items() if after < v <= upto)
+            picked.sort()
+        else:
+            picked.reverse()
+        return picked
+
+
+#: ``tuple.__new__`` builds a FlowEntry without the Python-level ``__new__`` of a named tuple
+#: (the receive path makes one per replicated entry).
+_new_entry: Callable[[type[FlowEntry], tuple[Any, ...]], FlowEntry] = tuple.__new__
 
 
 class FlowTableFull(Exception):
@@ -299,19 +362,26 @@ class FlowTable:
         self.max_entries = max_entries
         self.tombstone_grace = float(tombstone_grace)
         self.listeners: list[Listener] = []
+        #: Called with no arguments after every local write (the channel's "flush soon" hook:
+        #: cheaper than a listener that would also run for every merged remote entry).
+        self.on_local_write: Callable[[], None] | None = None
         self.counters: Counter[str] = Counter()
         self._entries: dict[bytes, FlowEntry] = {}
-        self._by_owner: dict[str, dict[bytes, None]] = {}
-        # Remote records in write order (oldest first): the eviction order for local publishes.
+        # Remote tombstones in write order: evicted first when a local publish needs room. (No
+        # such index of remote live records: each origin's log is one, and a third table-sized
+        # dict would add its rehash to the two that already stall the loop when they grow.)
         self._remote_tombs: dict[bytes, None] = {}
-        self._remote_live: dict[bytes, None] = {}
-        # (expires, key); stale items (refreshed or removed keys) are skipped when popped.
-        self._heap: list[tuple[float, bytes]] = []
-        # Per origin, key -> version, re-inserted on every write: one item per live key, so it
-        # never needs compacting (a periodic re-sort stalled the loop for 25-120 ms at 150k
-        # entries). Own writes get increasing versions, so this origin's dict is in version order
-        # and "my entries newer than v" walks back from the newest end.
-        self._log: dict[str, dict[bytes, int]] = {}
+        # Expiry wheel: slot id (expires in units of _SLOT seconds, truncated) -> keys written
+        # with an expiry in that slot, and a heap of the slot ids in use. Items go stale when a
+        # key is rewritten with another expiry (it is then in its new slot too) or removed; they
+        # are skipped when their slot comes due. Cheaper than a heap of (expires, key): a push is
+        # a list append, a purge a list walk.
+        self._slots: dict[int, list[bytes]] = {}
+        self._slot_ids: list[int] = []
+        self._slot_items = 0
+        # Per origin (= owner): every stored record of that owner (see _OriginLog; a periodic
+        # re-sort of a version-ordered list stalled the loop for 25-120 ms at 150k entries).
+        self._log: dict[str, _OriginLog] = {}
         self._watermarks: dict[str, int] = {}
         self._held: dict[str, list[tuple[int, int]]] = {}  # (lo, hi] received beyond a gap
         self._version = initial_version
@@ -346,7 +416,8 @@ class FlowTable:
     def owned_by(self, node: str, now: float | None = None) -> list[FlowEntry]:
         """``node``'s entries, tombstones excluded (and expired ones, when ``now`` is given)."""
         out = []
-        for key in self._by_owner.get(node, ()):
+        olog = self._log.get(node)
+        for key in olog.versions if olog is not None else ():
             e = self._entries[key]
             if not e.deleted and (now is None or e.expires > now):
                 out.append(e)
@@ -412,21 +483,88 @@ class FlowTable:
         self._write(cur.key, cur.epoch, now + self.tombstone_grace, True, cur)
         return True
 
-    def expire(self, now: float) -> int:
-        """Purge expired entries and tombstones past their grace; returns how many."""
-        removed = 0
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, key = heapq.heappop(heap)
-            e = self._entries.get(key)
-            if e is not None and e.expires <= now:
-                self.counters["tombstones_purged" if e.deleted else "expired"] += 1
-                self._remove(key, e)
-                removed += 1
-        if len(heap) > 2 * len(self._entries) + 1024:
-            self._heap = [(e.expires, k) for k, e in self._entries.items()]
-            heapq.heapify(self._heap)
-        return removed
+    def expire(self, now: float, limit: int = 0) -> int:
+        """Purge expired entries and tombstones past their grace; returns how many.
+
+        With ``limit`` > 0, stops after about that many (a whole slot of the expiry wheel is
+        finished), so a timer can spread a large purge over several loop turns.
+        """
+        expired = purged = 0
+        slots = self._slots
+        ids = self._slot_ids
+        entries = self._entries
+        logs = self._log
+        remote_tombs = self._remote_tombs
+        listeners = self.listeners
+        heappop = heapq.heappop
+        current = int(now * _SLOTS_PER_S)
+        # _remove inlined: a busy PoP expires as many flows as it learns.
+        while ids and ids[0] <= current:
+            if limit and expired + purged >= limit:
+                break
+            sid = heappop(ids)
+            keys = slots.pop(sid)
+            self._slot_items -= len(keys)
+            keep: list[bytes] | None = None
+            for key in keys:
+                e = entries.get(key)
+                if e is None:
+                    continue  # removed since
+                x = e.expires
+                if x > now:
+                    # Not due yet: still in this slot (the one now is in), or rewritten with a
+                    # later expiry and so also in a later slot.
+                    if int(x * _SLOTS_PER_S) == sid:
+                        if keep is None:
+                            keep = [key]
+                        else:
+                            keep.append(key)
+                    continue
+                if e.deleted:
+                    purged += 1
+                else:
+                    expired += 1
+                del entries[key]
+                olog = logs.get(e.owner)
+                if olog is not None:
+                    olog.drop(key)
+                    if not olog.versions:
+                        del logs[e.owner]
+                if e.deleted:
+                    remote_tombs.pop(key, None)
+                if listeners:
+                    self._notify(key, e, None)
+            if keep is not None:
+                # The rest of this slot is later than now, and so is every later slot.
+                slots[sid] = keep
+                heapq.heappush(ids, sid)
+                self._slot_items += len(keep)
+                break
+        if expired:
+            self.counters["expired"] += expired
+        if purged:
+            self.counters["tombstones_purged"] += purged
+        if self._slot_items > 2 * len(entries) + 1024:
+            self._rebuild_wheel()
+        return expired + purged
+
+    def _schedule(self, key: bytes, expires: float) -> None:
+        sid = int(expires * _SLOTS_PER_S)
+        keys = self._slots.get(sid)
+        if keys is None:
+            self._slots[sid] = [key]
+            heapq.heappush(self._slot_ids, sid)
+        else:
+            keys.append(key)
+        self._slot_items += 1
+
+    def _rebuild_wheel(self) -> None:
+        """Drop stale wheel items (keys rewritten many times leave one per old expiry)."""
+        self._slots = {}
+        self._slot_ids = []
+        self._slot_items = 0
+        for key, e in self._entries.items():
+            self._schedule(key, e.expires)
 
     # --- replication hooks (used by FlowReplicator) -----------------------------------------
 
@@ -435,22 +573,11 @@ class FlowTable:
 
         Only valid while the table is not modified (the replicator consumes it synchronously).
         """
-        log = self._log.get(origin)
-        if not log:
+        olog = self._log.get(origin)
+        if olog is None:
             return
         entries = self._entries
-        items: Iterable[tuple[int, bytes]]
-        if origin == self.node:
-            tail: list[tuple[int, bytes]] = []
-            for key, version in reversed(log.items()):
-                if version <= after:
-                    break
-                if version <= upto:
-                    tail.append((version, key))
-            items = reversed(tail)
-        else:  # other origins arrive with gaps filled late, so not in order (catch-up only)
-            items = sorted((v, k) for k, v in log.items() if after < v <= upto)
-        for version, key in items:
+        for version, key in olog.between(after, upto):
             e = entries.get(key)
             if e is None or e.origin_version != version or e.owner != origin:
                 continue
@@ -478,7 +605,8 @@ class FlowTable:
         self.counters["own_version_adopted"] += 1
         self._version = version
         epochs = epochs or {}
-        for key in list(self._by_owner.get(self.node, ())):
+        olog = self._log.get(self.node)
+        for key in list(olog.versions if olog is not None else ()):
             cur = self._entries[key]
             epoch = max(cur.epoch, epochs.get(key, 0))
             self._write(key, epoch, cur.expires, cur.deleted, cur)
@@ -497,8 +625,20 @@ class FlowTable:
         entries = self._entries
         w = self._watermarks.get(origin, 0)
         merged = 0
+        received = 0
+        # The common case (a key new here, table not full, nobody listening to evictions) is
+        # inlined: a receiver merges every entry the fleet publishes, so this loop is the
+        # replication's receive cost.
+        olog = self._log.get(origin)
+        if olog is None:
+            olog = self._log[origin] = _OriginLog()
+        log = olog.versions
+        slots = self._slots
+        listeners = self.listeners
+        max_entries = self.max_entries
+        new_entry = _new_entry
         for key, epoch, version, ttl, deleted in items:
-            counters["entries_received"] += 1
+            received += 1
             if ttl <= 0:
                 counters["rejected.expired"] += 1
                 continue
@@ -507,21 +647,46 @@ class FlowTable:
                 if version <= w:
                     counters["rejected.stale"] += 1
                     continue
-                if len(entries) >= self.max_entries:
+                if len(entries) >= max_entries:
                     self.expire(now)
-                    if len(entries) >= self.max_entries:
+                    # A purge may have emptied (and dropped) this origin's log.
+                    olog = self._log.setdefault(origin, olog)
+                    if len(entries) >= max_entries:
                         counters["rejected.full"] += 1
                         continue
+                if not deleted:
+                    expires = now + ttl
+                    new = new_entry(FlowEntry, (key, origin, epoch, expires, False, version))
+                    entries[key] = new
+                    log[key] = version  # a new key: _OriginLog.put without the pop
+                    if version > olog.top:
+                        olog.top = version
+                    else:
+                        olog.late[key] = version
+                    sid = int(expires * _SLOTS_PER_S)  # _schedule, inlined
+                    slot = slots.get(sid)
+                    if slot is None:
+                        self._schedule(key, expires)
+                    else:
+                        slot.append(key)
+                        self._slot_items += 1
+                    if listeners:
+                        self._notify(key, None, new)
+                    merged += 1
+                    continue
             else:
                 rank = (epoch, origin, version)
                 cur_rank = cur.rank
                 if rank <= cur_rank:
                     counters["rejected.duplicate" if rank == cur_rank else "rejected.older"] += 1
                     continue
-                if cur.owner == self.node and origin != self.node:
+                if cur.owner == self.node:
                     counters["ownership_lost"] += 1
             self._store(FlowEntry(key, origin, epoch, now + ttl, deleted, version), cur)
             merged += 1
+        if not log and self._log.get(origin) is olog:
+            del self._log[origin]
+        counters["entries_received"] += received
         counters["entries_merged"] += merged
         self._advance(origin, w, lo, hi)
         return merged
@@ -586,6 +751,8 @@ class FlowTable:
         self._version += 1
         new = FlowEntry(key, self.node, epoch, expires, deleted, self._version)
         self._store(new, cur)
+        if self.on_local_write is not None:
+            self.on_local_write()
         return new
 
     def _store(self, new: FlowEntry, cur: FlowEntry | None) -> None:
@@ -594,57 +761,52 @@ class FlowTable:
         owner = new.owner
         if cur is not None and cur.owner != owner:
             self._forget_owned(cur.owner, key)
-        self._by_owner.setdefault(owner, {})[key] = None
-        log = self._log.setdefault(owner, {})
-        log.pop(key, None)
-        log[key] = new.origin_version
+        olog = self._log.get(owner)
+        if olog is None:
+            olog = self._log[owner] = _OriginLog()
+        olog.put(key, new.origin_version)
         if cur is None or cur.expires != new.expires:
-            heapq.heappush(self._heap, (new.expires, key))
-            if len(self._heap) > 4 * len(self._entries) + 4096:
+            self._schedule(key, new.expires)
+            if self._slot_items > 4 * len(self._entries) + 4096:
                 # Refreshes leave superseded items behind; bound them even if expire() is late.
-                self._heap = [(e.expires, k) for k, e in self._entries.items()]
-                heapq.heapify(self._heap)
-        if owner == self.node:
-            self._remote_live.pop(key, None)
+                self._rebuild_wheel()
+        if cur is not None and cur.deleted:
             self._remote_tombs.pop(key, None)
-        else:
-            # Re-inserting moves the key to the end: least recently written comes first.
-            self._remote_live.pop(key, None)
-            self._remote_tombs.pop(key, None)
-            (self._remote_tombs if new.deleted else self._remote_live)[key] = None
-        self._notify(key, cur, new)
+        if new.deleted and owner != self.node:
+            self._remote_tombs[key] = None
+        if self.listeners:
+            self._notify(key, cur, new)
 
     def _remove(self, key: bytes, cur: FlowEntry) -> None:
         del self._entries[key]
         self._forget_owned(cur.owner, key)
-        self._remote_live.pop(key, None)
-        self._remote_tombs.pop(key, None)
-        self._notify(key, cur, None)
+        if cur.deleted:
+            self._remote_tombs.pop(key, None)
+        if self.listeners:
+            self._notify(key, cur, None)
 
     def _forget_owned(self, owner: str, key: bytes) -> None:
-        owned = self._by_owner.get(owner)
-        log = self._log.get(owner)
-        if log is not None:
-            log.pop(key, None)
-        if owned is not None:
-            owned.pop(key, None)
-            if not owned:
-                # Nothing of this origin left: its version log is all stale items.
-                del self._by_owner[owner]
-                self._log.pop(owner, None)
+        olog = self._log.get(owner)
+        if olog is not None:
+            olog.drop(key)
+            if not olog.versions:
+                del self._log[owner]
 
     def _make_room(self, now: float) -> None:
         if len(self._entries) < self.max_entries:
             return
         self.expire(now)
         while len(self._entries) >= self.max_entries:
-            victims = self._remote_tombs or self._remote_live
-            if not victims:
-                self.counters["publish_refused_full"] += 1
-                raise FlowTableFull(
-                    f"flow table full: {len(self._entries)} records, all owned by {self.node}"
-                )
-            key = next(iter(victims))
+            if self._remote_tombs:
+                key = next(iter(self._remote_tombs))
+            else:
+                logs = [o for origin, o in self._log.items() if origin != self.node]
+                if not logs:
+                    self.counters["publish_refused_full"] += 1
+                    raise FlowTableFull(
+                        f"flow table full: {len(self._entries)} records, all owned by {self.node}"
+                    )
+                key = next(iter(max(logs, key=lambda o: len(o.versions)).versions))
             self.counters["evicted"] += 1
             self._remove(key, self._entries[key])
 
@@ -741,7 +903,25 @@ def _decode_entries(body: Any) -> list[EntryGroup]:
         if lo > hi or not isinstance(group[3], list):
             raise WireError("bad_field", "group: lo > hi or entries not a list")
         items: list[WireItem] = []
+        append = items.append
         for item in group[3]:
+            # Fast path: one test for a well-formed entry (exact types: bool is not an int
+            # here); anything else takes the slow path below, which names the fault.
+            if (
+                type(item) is list
+                and len(item) == 5
+                and type(item[0]) is bytes
+                and 0 < len(item[0]) <= MAX_KEY_LEN
+                and type(item[1]) is int
+                and 0 < item[1] <= _MAX_U63
+                and type(item[2]) is int
+                and lo < item[2] <= hi
+                and type(item[3]) is int
+                and 0 <= item[3] <= _MAX_TTL_MS
+                and type(item[4]) is bool
+            ):
+                append((item[0], item[1], item[2], item[3] / 1000.0, item[4]))
+                continue
             if not isinstance(item, list) or len(item) != 5:
                 raise WireError("bad_field", "entry: expected [key, epoch, version, ttl, deleted]")
             key, epoch, version, ttl_ms, deleted = item
