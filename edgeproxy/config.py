@@ -160,8 +160,10 @@ class OriginGroupSection:
     """`round_robin` over healthy servers, or `failover`: the first healthy server in order."""
     max_connections: int = 128
     """Connections per server, busy and idle; requests beyond it wait for one."""
-    max_idle: int = 32
-    """Idle keep-alive connections kept per server."""
+    max_idle: int = 128
+    """Idle keep-alive connections kept per server (at most max_connections count). Below the
+    usual number of requests in flight, connections churn: each burst closes the surplus and the
+    next one reconnects."""
     idle_timeout: float = 30.0
     """Seconds an idle pooled connection is kept."""
     connect_timeout: float = 5.0
