@@ -85,8 +85,9 @@ class CertificateSection:
 @dataclass
 class HTTP1Section:
     parser: str = "httptools"
-    """HTTP/1.1 request parser: `httptools` (llhttp, fast) or `h11` (pure Python); both behind
-    h11's state machine interface and checked against each other by a differential corpus."""
+    """HTTP/1.1 parser of client requests and of origin responses: `httptools` (llhttp, fast) or
+    `h11` (pure Python); both behind h11's state machine interface and checked against each
+    other by a differential corpus."""
 
 
 @dataclass
@@ -108,7 +109,8 @@ class LimitsSection:
     max_connections: int = 10000
     """Client connections per worker; beyond it new connections are closed at once."""
     header_timeout: float = 10.0
-    """Seconds for a client to send a complete request head; slower gets 408."""
+    """Seconds for a client to send a complete request head (HTTP/1.1 from its first byte, HTTP/3
+    per request stream); slower gets 408."""
     idle_timeout: float = 60.0
     """Seconds a keep-alive (or QUIC) connection may idle between requests."""
     body_timeout: float = 60.0

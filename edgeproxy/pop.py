@@ -53,7 +53,10 @@ class Pop:
         self.started_at = time.time()
         self.draining = False
         self.access_log = AccessLog(config.log.access_log, config.pop.id)
-        self.groups = {g.name: OriginGroup(g, self.metrics) for g in config.origin_groups}
+        self.groups = {
+            g.name: OriginGroup(g, self.metrics, parser=config.http1.parser)
+            for g in config.origin_groups
+        }
         self.pipeline = Pipeline(config, self.metrics, self.groups, access_log=self.access_log)
         self.h1 = H1Server(self.pipeline, config.limits, self.metrics, scheme="http", parser=config.http1.parser)
         self.h1s = H1Server(self.pipeline, config.limits, self.metrics, scheme="https", parser=config.http1.parser)

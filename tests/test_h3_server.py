@@ -389,6 +389,26 @@ async def test_header_section_too_large_is_431() -> None:
         assert (await client.request(b"GET", b"/hello")).status == 200
 
 
+async def test_request_headers_slower_than_header_timeout_get_408() -> None:
+    async with h3_env(LimitsSection(header_timeout=0.3)) as env, env.client() as client:
+        sid = client._quic.get_next_available_stream_id()
+        stalled = ResponseStream(client, sid)
+        client.streams[sid] = stalled
+        # A HEADERS frame announcing 40 bytes of field section, of which 3 ever arrive.
+        client._quic.send_stream_data(sid, b"\x01\x28\x00\x00\xd1", end_stream=False)
+        client.transmit()
+        await asyncio.sleep(0.1)
+        # Another request on the same connection is not held up meanwhile.
+        assert (await client.request(b"GET", b"/hello")).status == 200
+        t0 = asyncio.get_running_loop().time()
+        response = await stalled.response()
+        waited = asyncio.get_running_loop().time() - t0
+        assert response.status == 408 and 0.05 < waited < 2.0, (response.status, waited)
+        assert [r[1] for r in env.handler.rejects] == [408]
+        assert len(env.handler.heads) == 1  # the handler saw only the complete request
+        assert (await client.request(b"GET", b"/hello")).status == 200
+
+
 async def test_body_too_large_is_413() -> None:
     limits = LimitsSection(max_body_bytes=10_000)
     async with h3_env(limits) as env, env.client() as client:

@@ -127,6 +127,26 @@ async def test_round_robin_spread_and_keepalive() -> None:
             assert hist is not None and "edgeproxy_origin_response_seconds_count" in reg.render()
 
 
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+async def test_origin_connections_use_the_configured_http1_parser(parser: str) -> None:
+    import h11
+
+    from edgeproxy.http.h1fast_client import FastClientConnection
+
+    async with origin_servers(1) as srvs:
+        reg = Registry()
+        group = OriginGroup(section([srvs[0].address]), reg, parser=parser)
+        await group.start()
+        try:
+            _resp, body = await fetch_all(group, req(target=b"/p"))
+            assert body == b"hello /p"
+            (conn,) = group.servers[0].pool._idle
+            expect = h11.Connection if parser == "h11" else FastClientConnection
+            assert type(conn._codec) is expect
+        finally:
+            await group.close()
+
+
 async def test_busy_gauge_while_response_is_open() -> None:
     async with origin_servers(1) as (srv,), group_for(section([srv.address])) as (group, reg):
         resp = await group.fetch(req(), EmptyBody(), 0)

@@ -290,6 +290,16 @@ class _EdgeH3Connection(H3Connection):
             self._rejected.add(stream_id)
             self._cancel_field_sections(stream_id)
 
+    def awaiting_headers(self, stream_id: int) -> bool:
+        """A request stream has begun but its HEADERS frame is not complete (or is blocked)."""
+        stream = self._stream.get(stream_id)
+        return (
+            stream is not None
+            and stream_is_request_response(stream_id)
+            and stream_id not in self._rejected
+            and stream.headers_recv_state == HeadersState.INITIAL
+        )
+
     def forget_stream(self, stream_id: int) -> None:
         """Drop H3 parse state of a rejected stream; its frames are never parsed again."""
         stream = self._stream.get(stream_id)
@@ -597,6 +607,10 @@ class H3ServerProtocol(EdgeConnectionProtocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._drain_waiters: dict[int, asyncio.Future[None]] = {}
         self._terminated = False
+        # Request streams with data but no complete HEADERS yet: stream id -> loop time of
+        # their first byte (header_timeout, as for HTTP/1.1).
+        self._head_pending: dict[int, float] = {}
+        self._head_timer: asyncio.TimerHandle | None = None
         self.requests_started = 0
         metrics.conn_total.inc(PROTOCOL)
         metrics.conn_open.inc(PROTOCOL)
@@ -667,6 +681,12 @@ class H3ServerProtocol(EdgeConnectionProtocol):
             except Exception:
                 # A bug in handling one request must not take the connection down.
                 log.exception("HTTP/3 event handling failed")
+        if (
+            isinstance(event, StreamDataReceived)
+            and event.stream_id not in self._head_pending
+            and self._h3.awaiting_headers(event.stream_id)
+        ):
+            self._head_started(event.stream_id)
 
     def _on_h3_event(self, event: H3Event) -> None:
         if isinstance(event, HeadersReceived):
@@ -691,8 +711,41 @@ class H3ServerProtocol(EdgeConnectionProtocol):
 
     # -- requests --------------------------------------------------------------------------------
 
+    def _head_started(self, stream_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._head_pending[stream_id] = loop.time()
+        if self._head_timer is None:
+            self._head_timer = loop.call_later(self.limits.header_timeout, self._head_timeouts)
+
+    def _head_timeouts(self) -> None:
+        """408 on every request stream whose HEADERS are still incomplete after header_timeout."""
+        self._head_timer = None
+        if self._terminated:
+            self._head_pending.clear()
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.header_timeout
+        now = loop.time()
+        for stream_id, since in list(self._head_pending.items()):
+            if now - since >= timeout:
+                del self._head_pending[stream_id]
+                self._reject(
+                    stream_id,
+                    408,
+                    f"client too slow sending the request headers ({timeout:g}s)",
+                    None,
+                    None,
+                    ErrorCode.H3_REQUEST_INCOMPLETE,
+                )
+        if self._head_pending:
+            first = min(self._head_pending.values())
+            self._head_timer = loop.call_later(
+                max(0.0, first + timeout - now), self._head_timeouts
+            )
+
     def _new_request(self, event: HeadersReceived) -> None:
         stream_id = event.stream_id
+        self._head_pending.pop(stream_id, None)
         if not stream_is_request_response(stream_id):
             return
         request_id = self.handler.new_request_id()
@@ -858,6 +911,7 @@ class H3ServerProtocol(EdgeConnectionProtocol):
         raw_headers: Headers | None = None,
     ) -> None:
         """Answer an edge-detected error on a stream and take no more of its input."""
+        self._head_pending.pop(stream_id, None)
         if self._h3 is None or self._terminated:
             return
         if request_id is None:
@@ -987,6 +1041,7 @@ class H3ServerProtocol(EdgeConnectionProtocol):
 
     def _on_peer_reset(self, stream_id: int) -> None:
         """The client abandoned the request body (RESET_STREAM)."""
+        self._head_pending.pop(stream_id, None)
         exchange = self._exchanges.get(stream_id)
         if exchange is not None and not exchange.body.eof:
             exchange.body.fail(BodyError("client reset the request stream"))
@@ -1003,6 +1058,10 @@ class H3ServerProtocol(EdgeConnectionProtocol):
         if self._terminated:
             return
         self._terminated = True
+        self._head_pending.clear()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._metrics.conn_open.dec(PROTOCOL)
         for exchange in self._exchanges.values():
             exchange.sink.dead = True

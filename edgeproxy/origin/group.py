@@ -146,13 +146,16 @@ class OriginGroup:
         metrics: Registry,
         *,
         clock: Callable[[], float] = time.monotonic,
+        parser: str | None = None,
     ) -> None:
-        """`clock` drives health decisions (ejection expiry); timeouts use the event loop's time."""
+        """`clock` drives health decisions (ejection expiry); timeouts use the event loop's time.
+        `parser` is the HTTP/1.1 codec for origin responses (`http1.parser`)."""
         if not section.servers:
             raise ValueError(f"origin group {section.name!r} has no servers")
         self.section = section
         self.name = section.name
         self._clock = clock
+        self.parser = parser
         self._m_requests = metrics.counter(
             "edgeproxy_origin_requests_total",
             "Requests sent to origin servers, by outcome",
@@ -192,6 +195,7 @@ class OriginGroup:
                 server=name,
                 gauge=self._m_connections,
                 gauge_labels=(self.name, name),
+                codec=parser,
             )
             health = ServerHealth(
                 rise=h.rise,
@@ -415,7 +419,7 @@ class OriginGroup:
         try:
             async with asyncio.timeout(h.timeout):
                 conn = await OriginConnection.connect(
-                    srv.host, srv.port, timeout=h.timeout, server=srv.name
+                    srv.host, srv.port, timeout=h.timeout, server=srv.name, codec=self.parser
                 )
                 resp = await conn.request(
                     head, EmptyBody(), 0, first_byte_timeout=h.timeout, read_timeout=h.timeout

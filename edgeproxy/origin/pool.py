@@ -38,9 +38,11 @@ class OriginPool:
         server: str | None = None,
         gauge: Gauge | None = None,
         gauge_labels: tuple[str, ...] = (),
+        codec: str | None = None,
     ) -> None:
         """`gauge`, if given, is set to the idle and busy counts with labels
-        (*gauge_labels, "idle") and (*gauge_labels, "busy")."""
+        (*gauge_labels, "idle") and (*gauge_labels, "busy"). `codec` names the HTTP/1.1 parser
+        of its connections (`http1.parser`; None: the client's default)."""
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.host, self.port = address
@@ -49,6 +51,7 @@ class OriginPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.codec = codec
         self._gauge = gauge
         self._gauge_labels = gauge_labels
         self._idle: collections.deque[OriginConnection] = collections.deque()  # oldest left
@@ -184,7 +187,11 @@ class OriginPool:
         loop = asyncio.get_running_loop()
         try:
             conn = await OriginConnection.connect(
-                self.host, self.port, timeout=max(0.0, deadline - loop.time()), server=self.server
+                self.host,
+                self.port,
+                timeout=max(0.0, deadline - loop.time()),
+                server=self.server,
+                codec=self.codec,
             )
         except BaseException:
             self._open -= 1
