@@ -360,7 +360,8 @@ class GossipSection:
     """Join attempts before giving up (0 = never give up)."""
     keyring: str = ""
     """Serf keyring file (JSON list of base64 AES keys, the first encrypts); empty = plaintext,
-    unauthenticated gossip (see above). The same keyring on every PoP."""
+    unauthenticated gossip (see above). The same keyring on every PoP. SIGHUP re-reads it, so keys
+    rotate without a restart: add the new key second everywhere, then first, then drop the old."""
     profile: str = "lan"
     """memberlist timing profile: `lan` (failure detected in ~5 s), `wan` or `local`."""
     region: str = ""

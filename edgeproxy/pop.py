@@ -24,6 +24,8 @@ from typing import Any
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
+from gossip.keyring import Keyring
+
 from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, parse_hostport
@@ -41,6 +43,9 @@ from .quic.identity import ServerIdentity, build_identity, load_fleet_keys, node
 from .quic.tickets import FleetTicketStore
 from .steering.service import Steering
 from .tlsutil import CertStore, ensure_self_signed
+
+#: Flow-table records purged per loop turn at most (about 1 us each).
+_EXPIRE_BATCH = 2000
 
 log = logging.getLogger("edgeproxy.pop")
 
@@ -68,6 +73,7 @@ class Pop:
         self.backhaul: Backhaul | None = None
         self.tickets: FleetTicketStore | None = None
         self.gossip: FleetGossip | None = None
+        self._gossip_keyring: Keyring | None = None
         self._fleet_keys: FleetKeys | None = None
         self._fleet: FleetRouting | None = None
         # TCP steering (config [steering]); created in start() when enabled.
@@ -110,6 +116,18 @@ class Pop:
     def reload_certificates(self) -> None:
         if self.certs is not None and self.certs.reload():
             self._quic_config = None
+
+    def reload(self) -> None:
+        """SIGHUP: changed certificates, and the gossip keyring file (`gossip.keyring`), so gossip
+        keys rotate without a restart. A file that does not load changes nothing (logged)."""
+        self.reload_certificates()
+        keyring, path = self._gossip_keyring, self.config.gossip.keyring
+        if keyring is not None and path:
+            try:
+                if keyring.reload_file(self.config.path(path)):
+                    log.warning("gossip keyring reloaded: %d key(s)", len(keyring.keys))
+            except (OSError, ValueError) as exc:
+                log.error("gossip keyring %s not reloaded, keeping %d key(s): %s", path, len(keyring.keys), exc)
 
     async def _reload_loop(self) -> None:
         while True:
@@ -214,7 +232,6 @@ class Pop:
     async def _start_gossip(self) -> None:
         """The worker's gossip member and flow channel (config [gossip])."""
         from gossip.flowtable import FlowTable
-        from gossip.keyring import Keyring
 
         cfg = self.config
         assert self.identity is not None and self.membership is not None and self._fleet_keys is not None
@@ -223,6 +240,7 @@ class Pop:
             return
         g = cfg.gossip
         keyring = Keyring.from_file(cfg.path(g.keyring)) if g.keyring else None
+        self._gossip_keyring = keyring
         if keyring is None:
             log.warning("gossip: no keyring: membership gossip is plaintext and unauthenticated "
                         "(anyone reaching %s can declare a PoP dead)", g.bind)
@@ -238,12 +256,23 @@ class Pop:
             self.addresses["flow"] = [self.gossip.channel.address]
 
     async def _flow_expiry_loop(self) -> None:
+        """Purges expired flows when no flow channel does (gossip off): a bounded batch per loop
+        turn, so a burst of flows ending together never stalls the worker."""
+        from gossip.flowtable import FlowTable
+
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(5.0)
-            expire = getattr(self.flows, "expire", None)
-            if expire is not None:
-                expire(loop.time())
+            await asyncio.sleep(0.25)
+            flows = self.flows
+            if self.gossip is not None and self.gossip.channel is not None:
+                continue  # the channel purges every 50 ms
+            if isinstance(flows, FlowTable):
+                while flows.expire(loop.time(), limit=_EXPIRE_BATCH) >= _EXPIRE_BATCH:
+                    await asyncio.sleep(0)
+            else:
+                expire = getattr(flows, "expire", None)
+                if expire is not None:
+                    expire(loop.time())
 
     async def start_quic(self, host: str, port: int, *, transport: asyncio.DatagramTransport | None = None) -> QuicDispatcher:
         """An HTTP/3 listener on (host, port), or on an injected client-facing `transport` (the
@@ -337,12 +366,13 @@ class Pop:
         self.access_log.close()
 
     async def run_until_signalled(self, duration: float | None = None) -> None:
-        """Serves until SIGINT/SIGTERM (or `duration` seconds); SIGHUP reloads certificates."""
+        """Serves until SIGINT/SIGTERM (or `duration` seconds); SIGHUP reloads certificates and
+        the gossip keyring."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload_certificates)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         waiters = [loop.create_task(stop.wait())]
         if self.drain is not None:  # a finished drain (admin POST /drain) stops the worker too
             waiters.append(loop.create_task(self.drain.finished.wait()))

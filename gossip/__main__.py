@@ -14,6 +14,9 @@ own ``leave`` once a graceful leave completed.
 SIGINT/SIGTERM leave gracefully (Serf's leave intent, then ``dead``), then exit 0; a second
 signal stops at once. ``--keyring FILE`` reads Serf's keyring file (a JSON list of base64 keys,
 the first one encrypts); ``--encrypt KEY`` takes one base64 key like ``serf agent -encrypt``.
+SIGHUP re-reads the keyring file, so keys rotate without a restart: add the new key to every
+member's file (second place) and SIGHUP them, then make it first everywhere, then drop the old
+one. A file that does not load leaves the keys as they were (logged on stderr).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import uvloop
 from gossip.agent import GossipAgent, event_record, parse_hostport
 from gossip.keyring import Keyring
 from gossip.swim import Config, MemberEvent
+
+log = logging.getLogger("gossip")
 
 
 def _parse_duration(text: str) -> float:
@@ -111,8 +116,22 @@ async def run_agent(args: argparse.Namespace) -> int:
             # Second signal: stop at once.
             hard_stop.append(loop.create_task(agent.stop()))
 
+    def on_hangup() -> None:
+        if keyring is None or not args.keyring:
+            log.warning("SIGHUP: no --keyring file to reload")
+            return
+        try:
+            changed = keyring.reload_file(args.keyring)
+        except (OSError, ValueError) as exc:
+            log.error("SIGHUP: keyring %s not reloaded, keeping %d key(s): %s",
+                      args.keyring, len(keyring.keys), exc)  # fmt: skip
+            return
+        log.warning("SIGHUP: keyring %s %s: %d key(s)", args.keyring,
+                    "reloaded" if changed else "unchanged", len(keyring.keys))  # fmt: skip
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     join_task: asyncio.Task[int] | None = None
     try:
         await agent.start()
@@ -156,7 +175,7 @@ async def run_agent(args: argparse.Namespace) -> int:
             await asyncio.gather(join_task, return_exceptions=True)
         await agent.stop()
         await asyncio.gather(*hard_stop, return_exceptions=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0
 

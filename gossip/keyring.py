@@ -117,6 +117,27 @@ class Keyring:
     def primary_key(self) -> bytes:
         return self._snapshot[0][0]
 
+    def set_keys(self, keys: Sequence[bytes]) -> None:
+        """Replace every key at once, ``keys[0]`` becoming the primary (a reloaded keyring
+        file). Validated before anything changes."""
+        raw: list[bytes] = []
+        for k in keys:
+            v = validate_key(k)
+            if v not in raw:
+                raw.append(v)
+        if not raw:
+            raise ValueError("a keyring needs at least one key")
+        self._install(raw)
+
+    def reload_file(self, path: str | os.PathLike[str]) -> bool:
+        """Install the keys of a Serf keyring file (see :meth:`from_file`); True if they
+        changed. On any error (ValueError, OSError) the installed keys stay."""
+        keys = Keyring.from_file(path).keys
+        if keys == self.keys:
+            return False
+        self.set_keys(keys)
+        return True
+
     def add_key(self, key: bytes) -> None:
         """Install a secondary key (no-op if already installed)."""
         raw = validate_key(key)

@@ -332,6 +332,58 @@ async def test_cli_prints_json_lines(cluster: Cluster, tmp_path: Path) -> None:
             await proc.wait()
 
 
+async def test_cli_sighup_reloads_the_keyring_file(cluster: Cluster, tmp_path: Path) -> None:
+    """Rotation without a restart: the CLI member cannot talk to a seed under another key until
+    its keyring file holds that key and SIGHUP reloads it; a broken file changes nothing."""
+    keyfile = tmp_path / "keyring.json"
+    keyfile.write_text(json.dumps(Keyring(KEY).to_base64()))
+    seed = await cluster.add("seed", Keyring(OTHER_KEY))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [
+        sys.executable, "-m", "gossip", "agent", "--name", "cli", "--bind", f"127.0.0.1:{port}",
+        "--join", "{}:{}".format(*seed.address), "--keyring", str(keyfile),
+        "--retry-interval", "200ms", "--profile", "local",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT)
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(15):
+            first = json.loads(await proc.stdout.readline())
+        assert first["node"] == "cli" and first["event"] == "join"
+        await asyncio.sleep(1.0)  # several join attempts under the wrong key
+        assert seed.member("cli") is None and seed.counters.get("decrypt_failed", 0) > 0
+        keyfile.write_text("[not json")
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert seed.member("cli") is None
+        # The new key second (accepted, not used), then first (used): the join goes through.
+        keyfile.write_text(json.dumps(Keyring(KEY, [OTHER_KEY]).to_base64()))
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        keyfile.write_text(json.dumps(Keyring(OTHER_KEY, [KEY]).to_base64()))
+        proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while True:
+                line = json.loads(await proc.stdout.readline())
+                if line["node"] == "seed" and line["event"] == "join":
+                    break
+        await wait_until(lambda: state_of(seed, "cli") == State.ALIVE, 5.0, "seed sees cli")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10.0) == 0
+        err = (await proc.stderr.read()).decode()
+        assert "not reloaded, keeping 1 key(s)" in err and "reloaded: 2 key(s)" in err, err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_flow_channel_follows_membership(cluster: Cluster) -> None:
     """FlowChannel (the flow table's UDP shell) on top of agents: peers come from membership,
     deltas go out at once, a member that fails is dropped from the peers."""

@@ -177,3 +177,25 @@ def test_gossip_config_errors(gossip: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"origin_groups": [{"servers": ["127.0.0.1:9"]}], "gossip": gossip})
     assert info.value.key == key
+
+
+async def test_sighup_reload_rotates_the_gossip_keyring(tmp_path: Path) -> None:
+    key_file = tmp_path / "fleet-keys.toml"
+    FleetKeys.generate(key_file, now=time.time())
+    keyring = tmp_path / "keyring.json"
+    old, new = os.urandom(32), os.urandom(32)
+    keyring.write_text(json.dumps([base64.b64encode(old).decode()]))
+    pop = Pop(_config(tmp_path, "pop-a", 1, key_file, keyring, []))
+    await pop.start()
+    try:
+        assert pop.gossip is not None
+        ring = pop.gossip.agent.keyring
+        assert ring is not None and ring.keys == (old,)
+        keyring.write_text("[not json")
+        pop.reload()  # what SIGHUP does: a broken file changes nothing
+        assert ring.keys == (old,)
+        keyring.write_text(json.dumps([base64.b64encode(k).decode() for k in (new, old)]))
+        pop.reload()
+        assert ring.keys == (new, old) and ring.primary_key == new
+    finally:
+        await pop.stop(grace=0.1, leave=False)
