@@ -274,23 +274,27 @@ def test_parse_hostport() -> None:
     assert parse_hostport("example.org") == ("example.org", 7946)
 
 
-async def test_cli_prints_json_lines(cluster: Cluster, tmp_path: Path) -> None:
-    keyfile = tmp_path / "keyring.json"
-    keyfile.write_text(json.dumps(Keyring(KEY).to_base64()))
-    seed = await cluster.add("seed", Keyring(KEY))
+async def spawn_cli(seed: GossipAgent, keyfile: Path, *extra: str) -> asyncio.subprocess.Process:
+    """``python -m gossip agent --name cli`` on a free port, joining ``seed``, keyed by ``keyfile``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     cmd = [
         sys.executable, "-m", "gossip", "agent", "--name", "cli", "--bind", f"127.0.0.1:{port}",
-        "--join", "{}:{}".format(*seed.address), "--keyring", str(keyfile),
-        "--tag", "role=cli", "--tag", "zone=a=b",
+        "--join", "{}:{}".format(*seed.address), "--keyring", str(keyfile), *extra,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT)
     )
+
+
+async def test_cli_prints_json_lines(cluster: Cluster, tmp_path: Path) -> None:
+    keyfile = tmp_path / "keyring.json"
+    keyfile.write_text(json.dumps(Keyring(KEY).to_base64()))
+    seed = await cluster.add("seed", Keyring(KEY))
+    proc = await spawn_cli(seed, keyfile, "--tag", "role=cli", "--tag", "zone=a=b")
     lines: list[dict[str, object]] = []
 
     async def read_until(pred: Callable[[dict[str, object]], bool], timeout: float) -> None:
@@ -338,19 +342,7 @@ async def test_cli_sighup_reloads_the_keyring_file(cluster: Cluster, tmp_path: P
     keyfile = tmp_path / "keyring.json"
     keyfile.write_text(json.dumps(Keyring(KEY).to_base64()))
     seed = await cluster.add("seed", Keyring(OTHER_KEY))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    cmd = [
-        sys.executable, "-m", "gossip", "agent", "--name", "cli", "--bind", f"127.0.0.1:{port}",
-        "--join", "{}:{}".format(*seed.address), "--keyring", str(keyfile),
-        "--retry-interval", "200ms", "--profile", "local",
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT)
-    )
+    proc = await spawn_cli(seed, keyfile, "--retry-interval", "200ms", "--profile", "local")
     assert proc.stdout is not None and proc.stderr is not None
     try:
         async with asyncio.timeout(15):
