@@ -1,14 +1,18 @@
 """Prometheus metrics: counters, gauges and histograms with labels, rendered in text format 0.0.4.
 
 One `Registry` per PoP process; components receive it and register their metrics by name. Updates
-are plain dict operations (no locks: one event loop per process).
+are plain dict operations (no locks: one event loop per process). Components that keep their own
+counters register a collector instead, which copies them into metrics when the registry renders.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
 
 LabelValues = tuple[str, ...]
 
@@ -63,6 +67,10 @@ class Counter(_Metric):
 
     def get(self, *labels: str) -> float:
         return self.values.get(tuple(labels), 0.0)
+
+    def set_total(self, *labels: str, value: float) -> None:
+        """Mirror a count a component keeps itself (collectors); it must only grow."""
+        self.values[self._key(labels)] = float(value)
 
     def render(self) -> list[str]:
         out = super().render()
@@ -125,6 +133,7 @@ class Histogram(_Metric):
 class Registry:
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        self._collectors: list[Callable[[], None]] = []
 
     def _add(self, metric: _Metric) -> _Metric:
         existing = self._metrics.get(metric.name)
@@ -155,7 +164,16 @@ class Registry:
     def get(self, name: str) -> _Metric | None:
         return self._metrics.get(name)
 
+    def add_collector(self, collect: Callable[[], None]) -> None:
+        """`collect()` runs before every render, to bring metrics up to date."""
+        self._collectors.append(collect)
+
     def render(self) -> str:
+        for collect in self._collectors:
+            try:
+                collect()
+            except Exception:  # a broken collector must not take /metrics down
+                log.exception("metrics collector failed")
         lines: list[str] = []
         for name in sorted(self._metrics):
             lines.extend(self._metrics[name].render())

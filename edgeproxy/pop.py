@@ -30,6 +30,7 @@ from .accesslog import AccessLog
 from .admin import AdminServer
 from .config import Config, parse_hostport
 from .drain import Drain
+from .fleetmetrics import FleetMetrics
 from .http.h1server import H1Server
 from .http.semantics import alt_svc_value
 from .membership import FleetGossip, GossipMembership
@@ -55,6 +56,7 @@ class Pop:
         self.config = config
         self.worker = worker
         self.metrics = Registry()
+        FleetMetrics(self.metrics, lambda: (self.gossip, self.flows, self.steering))
         self.started_at = time.time()
         self.draining = False
         self.access_log = AccessLog(config.log.access_log, config.pop.id)

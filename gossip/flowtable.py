@@ -403,6 +403,11 @@ class FlowTable:
         """The stored record, tombstones and not-yet-purged expired entries included."""
         return self._entries.get(key)
 
+    def count_owned(self, node: str) -> int:
+        """Records ``node`` owns (tombstones included), in constant time."""
+        olog = self._log.get(node)
+        return len(olog.versions) if olog is not None else 0
+
     def __len__(self) -> int:
         """Stored records (what ``max_entries`` bounds), tombstones included."""
         return len(self._entries)

@@ -77,6 +77,16 @@ async def fleet(tmp_path: Path, **gossip: Any) -> AsyncIterator[dict[str, Pop]]:
                 await pop.stop(grace=0.1, leave=False)
 
 
+def _metrics(pop: Pop) -> dict[str, float]:
+    """The PoP's /metrics as {series: value} (what a scrape renders)."""
+    out = {}
+    for line in pop.metrics.render().splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
 def _alive_peers(pop: Pop) -> set[str]:
     assert pop.gossip is not None
     return {m.name for m in pop.gossip.agent.members() if m.state == State.ALIVE} - {pop.config.pop.id}
@@ -104,12 +114,21 @@ async def test_three_pops_gossip_flows_and_failure(tmp_path: Path) -> None:
         a.flows.publish(key, loop.time(), 30.0)
         t = await _wait_for(lambda: all(p.flows is not None and p.flows.lookup(key, loop.time()) == "pop-a" for p in (b, c)), 5.0)
         print(f"flow replicated to both peers after {t * 1000:.1f}ms")
+        # /metrics shows the fleet layers.
+        m = _metrics(a)
+        assert m['edgeproxy_gossip_members{state="alive"}'] == 3 and m['edgeproxy_fleet_pops{state="alive"}'] == 3
+        assert m['edgeproxy_flow_records{owner="local"}'] == 1 and m['edgeproxy_flow_events_total{event="published"}'] == 1
+        m = _metrics(b)
+        assert m['edgeproxy_flow_records{owner="remote"}'] == 1 and m['edgeproxy_flow_events_total{event="entries_merged"}'] >= 1
+        assert m['edgeproxy_gossip_events_total{event="udp_in"}'] > 0
         # Hard stop of C (no leave): A and B declare PoP 3 dead (the dispatcher then resets its CIDs).
         t0 = time.monotonic()
         await c.stop(grace=0.1, leave=False)
         assert a.membership is not None and b.membership is not None
         t = await _wait_for(lambda: a.membership.is_alive(3) is False and b.membership.is_alive(3) is False, 30.0, 0.1)  # type: ignore[union-attr]
         print(f"hard-stopped pop-c declared dead after {time.monotonic() - t0:.2f}s")
+        m = _metrics(a)
+        assert m['edgeproxy_fleet_pops{state="dead"}'] == 1 and m['edgeproxy_fleet_pops{state="alive"}'] == 2
         assert a.membership.is_alive(2) is True
         # Flows still replicate between the survivors.
         key2 = quic_initial_key("198.51.100.8", 4433, b"\x02" * 8)

@@ -68,7 +68,7 @@ def running() -> Iterator[tuple[str, Path]]:
         assert [r["pid"] for r in records if proc_starttime(r["pid"]) == r.get("starttime")] == []
 
 
-def admin(run_id: str, pop: str, path: str, body: Any = None) -> Any:
+def admin_text(run_id: str, pop: str, path: str, body: Any = None) -> str:
     n = int(pop[1:])
     args = ["ip", "netns", "exec", f"epl-{run_id}-{pop}", "curl", "-s", "--noproxy", "*", "-m", "5"]
     if body is not None:
@@ -76,7 +76,11 @@ def admin(run_id: str, pop: str, path: str, body: Any = None) -> Any:
     r = subprocess.run([*args, f"http://10.201.0.{n}:9901{path}"], capture_output=True, text=True, timeout=10,
                        input=json.dumps(body) if body is not None else None)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return r.stdout
+
+
+def admin(run_id: str, pop: str, path: str, body: Any = None) -> Any:
+    return json.loads(admin_text(run_id, pop, path, body))
 
 
 def flap(state_dir: Path, action: str) -> dict[str, Any]:
@@ -131,6 +135,10 @@ def test_tcp_connections_survive_route_flap(running: tuple[str, Path]) -> None:
     after = admin(run_id, "p2", "/steering")
     assert after["steered_packets"] > 0, after  # segments really took the p2 -> p1 detour
     assert after["errors"] == 0 and after["sync_lag"]["p99_ms"] < 100, after
+    metrics = dict(line.rsplit(" ", 1) for line in admin_text(run_id, "p2", "/metrics").splitlines() if line[:1] != "#")
+    assert metrics["edgeproxy_steering_active"] == "1" and 'edgeproxy_steering_entries{state="installed"}' in metrics
+    assert float(metrics['edgeproxy_steering_events_total{event="elements"}']) >= 5, metrics
+    assert metrics['edgeproxy_steering_events_total{event="errors"}'] == "0"
 
 
 def test_without_steering_entries_connections_are_reset(running: tuple[str, Path]) -> None:
