@@ -360,13 +360,21 @@ def pop_of_gateway(plan: LabPlan, addr: str) -> str:
     return addr
 
 
+def process_table(records: list[dict[str, Any]], is_alive: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The recorded processes for `status`, in recording order. A drain restarts edgeproxy under
+    a new record: the record it replaced is marked `replaced` (history, not a failure)."""
+    procs = [r for r in records if r["role"] != "fibmon"]
+    latest = {(r["role"], r["ns"]): r for r in procs if r["role"] == "edgeproxy"}
+    return [{"role": r["role"], "ns": r["ns"], "pid": r["pid"], "alive": is_alive(r),
+             "replaced": r["role"] == "edgeproxy" and latest[(r["role"], r["ns"])] is not r} for r in procs]
+
+
 def status(state: StateDir) -> dict[str, Any]:
     plan = load_plan(state)
     info = state.read_json(LAB_FILE, {})
     out: dict[str, Any] = {"run_id": plan.run_id, "state_dir": str(state.path), "topology": info.get("name"),
                            "router_policy": plan.topology.lab.router_policy}
-    out["processes"] = [{"role": r["role"], "ns": r["ns"], "pid": r["pid"], "alive": alive(r["pid"], r.get("starttime"))}
-                        for r in state.processes() if r["role"] != "fibmon"]
+    out["processes"] = process_table(state.processes(), lambda r: alive(r["pid"], r.get("starttime")))
     rctl = bird_ctl(state, plan.router.name)
     protos = parse_show_protocols(birdc(rctl, "show", "protocols", check=False))
     out["sessions"] = {name: {"state": p.state, "info": p.info, "established": p.established}
@@ -379,13 +387,12 @@ def status(state: StateDir) -> dict[str, Any]:
     for p in plan.pops():
         pp = parse_show_protocols(birdc(bird_ctl(state, p.name), "show", "protocols", check=False))
         anycast, core = pp.get("anycast"), pp.get("core")
-        edge = [r for r in out["processes"] if r["ns"] == p.ns and r["role"] == "edgeproxy"]
+        edge = [r for r in out["processes"] if r["ns"] == p.ns and r["role"] == "edgeproxy" and not r["replaced"]]
         pops[p.name] = {"announcing": bool(anycast and anycast.state == "up" and core and core.established),
                         "anycast_protocol": anycast.state if anycast else "?", "core": core.info if core else "?",
                         "health": state.read_json(f"{p.name}/health.json", {}),
                         "edgeproxy_alive": bool(edge) and all(e["alive"] for e in edge),
-                        "workers": plan.topology.nodes[p.name].workers,
-                        "workers_in_force": plan.topology.nodes[p.name].workers}
+                        "workers": plan.topology.nodes[p.name].workers}
     out["pops"] = pops
     out["impairments"] = state.read_json("impairments.json", [])
     return out
@@ -402,12 +409,14 @@ def format_status(s: dict[str, Any]) -> str:
     for name, p in s["pops"].items():
         h = p["health"]
         health = {True: "healthy", False: "UNHEALTHY", None: "unknown"}[h.get("healthy")]
-        workers = f"workers {p['workers_in_force']}" + (f" (of {p['workers']}: edgeproxy run has no workers option yet)"
-                                                       if p["workers_in_force"] != p["workers"] else "")
+        workers = f"workers {p['workers']}"
         lines.append(f"  {name:<6} {'announcing' if p['announcing'] else 'withdrawn':<11} health {health:<9} "
                      f"({h.get('last_result', '-')}) edgeproxy {'up' if p['edgeproxy_alive'] else 'DOWN'}, {workers}")
-    dead = [f"{r['role']}@{r['ns']}({r['pid']})" for r in s["processes"] if not r["alive"]]
-    lines.append(f"processes: {len(s['processes']) - len(dead)} alive" + (f", dead: {' '.join(dead)}" if dead else ""))
+    current = [r for r in s["processes"] if not r["replaced"]]
+    dead = [f"{r['role']}@{r['ns']}({r['pid']})" for r in current if not r["alive"]]
+    replaced = len(s["processes"]) - len(current)
+    lines.append(f"processes: {len(current) - len(dead)} alive" + (f", dead: {' '.join(dead)}" if dead else "")
+                 + (f", {replaced} replaced by a restart" if replaced else ""))
     if s["impairments"]:
         lines.append("impairments:")
         for imp in s["impairments"]:

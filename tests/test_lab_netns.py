@@ -161,3 +161,19 @@ def test_down_after_up_is_killed() -> None:
             proc.kill()
             proc.wait(timeout=10)
         teardown(run_id, state_dir)
+
+
+def test_status_marks_edgeproxy_records_replaced_by_a_restart() -> None:
+    from lab.netns import process_table
+
+    recs = [
+        {"role": "bird", "ns": "epl-x-p1", "pid": 10},
+        {"role": "edgeproxy", "ns": "epl-x-p1", "pid": 11},
+        {"role": "edgeproxy", "ns": "epl-x-p2", "pid": 12},
+        {"role": "fibmon", "ns": "epl-x-r", "pid": 13},
+        {"role": "edgeproxy", "ns": "epl-x-p1", "pid": 21},  # the drain's restart of p1
+    ]
+    table = process_table(recs, lambda r: r["pid"] != 11)
+    assert [(r["pid"], r["alive"], r["replaced"]) for r in table] == [
+        (10, True, False), (11, False, True), (12, True, False), (21, True, False)
+    ]
