@@ -115,7 +115,7 @@ def _keys(args: argparse.Namespace) -> int:
         if args.action == "add":
             key = fleet.add_key(args.id, now=time.time())
             fleet.save(path)
-            print(f"{path}: added key {key.key_id}; distribute it to every PoP, then `keys promote --id {key.key_id}`")
+            print(f"{path}: added key {key.key_id}; distribute it to every PoP (then SIGHUP edgeproxy), then `keys promote --id {key.key_id}`")
         elif args.action in ("promote", "remove"):
             if args.id is None:
                 print(f"edgeproxy keys {args.action}: --id is required", file=sys.stderr)

@@ -222,8 +222,10 @@ class QuicLBSection:
     route a QUIC packet to the node that owns its connection; off means random CIDs and no
     cross-PoP routing."""
     config_id: int = 0
-    """QUIC-LB config rotation codepoint 0..6, the same on every PoP; change it together with
-    the primary fleet key (the CID key is derived from it)."""
+    """QUIC-LB config rotation codepoint 0..6 of fleet key 0, the same on every PoP: fleet key k
+    issues CIDs under codepoint (config_id + k) mod 7 with a key derived from it, so every live
+    fleet key has its own and a key rotation never leaves CIDs undecodable (live key ids must
+    differ mod 7). With `encrypt = false`, the one codepoint used."""
     encrypt: bool = True
     """Encrypt CIDs with the fleet-derived QUIC-LB key; false uses the draft's plaintext
     algorithm (server ID visible on the wire, linkable CIDs: for labs and debugging only)."""

@@ -33,13 +33,13 @@ from .drain import Drain
 from .fleetmetrics import FleetMetrics
 from .http.h1server import H1Server
 from .http.semantics import alt_svc_value
-from .membership import FleetGossip, GossipMembership
+from .membership import FleetGossip, GossipMembership, flow_keyring
 from .metrics import Registry
 from .origin.group import OriginGroup
 from .pipeline import Pipeline
 from .quic.backhaul import Backhaul, Peer, StaticMembership
 from .quic.dispatcher import FleetRouting, FlowLookup, QuicDispatcher, start_quic_server
-from .quic.fleet import FleetKeys
+from .quic.fleet import FleetKeyError, FleetKeys
 from .quic.identity import ServerIdentity, build_identity, load_fleet_keys, node_name
 from .quic.tickets import FleetTicketStore
 from .steering.service import Steering
@@ -120,9 +120,11 @@ class Pop:
             self._quic_config = None
 
     def reload(self) -> None:
-        """SIGHUP: changed certificates, and the gossip keyring file (`gossip.keyring`), so gossip
-        keys rotate without a restart. A file that does not load changes nothing (logged)."""
+        """SIGHUP: changed certificates, the fleet key file and the gossip keyring file
+        (`gossip.keyring`), so keys rotate without a restart. A file that does not load changes
+        nothing (logged)."""
         self.reload_certificates()
+        self.reload_fleet_keys()
         keyring, path = self._gossip_keyring, self.config.gossip.keyring
         if keyring is not None and path:
             try:
@@ -130,6 +132,32 @@ class Pop:
                     log.warning("gossip keyring reloaded: %d key(s)", len(keyring.keys))
             except (OSError, ValueError) as exc:
                 log.error("gossip keyring %s not reloaded, keeping %d key(s): %s", path, len(keyring.keys), exc)
+
+    def reload_fleet_keys(self) -> bool:
+        """Re-read the fleet key file into the running worker: QUIC-LB configurations, reset
+        tokens, Retry/NEW_TOKEN tokens, tickets, backhaul frames and the flow channel's keyring
+        follow it. False (and nothing changed) if the file does not load or cannot be followed."""
+        keys = self._fleet_keys
+        if keys is None:
+            return False
+        try:
+            new = load_fleet_keys(self.config)
+        except (FleetKeyError, OSError, ValueError) as exc:
+            log.error("fleet keys not reloaded, keeping key ids %s (primary %d): %s",
+                      sorted(keys.keys), keys.primary.key_id, exc)
+            return False
+        def material(k: FleetKeys) -> tuple[int, set[tuple[int, bytes]]]:
+            return k.primary.key_id, {(i, key.secret) for i, key in k.keys.items()}
+
+        if material(new) == material(keys):
+            return False
+        keys.replace(new)
+        if self.identity is not None:
+            self.identity.sync_keys()
+        if self.gossip is not None:
+            self.gossip.replicator.keyring.set_keys(flow_keyring(keys).keys)
+        log.warning("fleet keys reloaded: key ids %s, primary %d", sorted(keys.keys), keys.primary.key_id)
+        return True
 
     async def _reload_loop(self) -> None:
         while True:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from edgeproxy.config import ConfigError, config_from_dict
-from edgeproxy.membership import GossipMembership, member_tags
+from edgeproxy.membership import GossipMembership, flow_keyring, member_tags
 from edgeproxy.pop import Pop
 from edgeproxy.quic.fleet import FleetKeys
 from gossip import wire
@@ -216,5 +216,39 @@ async def test_sighup_reload_rotates_the_gossip_keyring(tmp_path: Path) -> None:
         keyring.write_text(json.dumps([base64.b64encode(k).decode() for k in (new, old)]))
         pop.reload()
         assert ring.keys == (new, old) and ring.primary_key == new
+    finally:
+        await pop.stop(grace=0.1, leave=False)
+
+
+async def test_sighup_reload_follows_the_fleet_key_file(tmp_path: Path) -> None:
+    """`edgeproxy keys add|promote|remove` on the file, then SIGHUP: the running worker issues
+    and accepts under the new keys (QUIC-LB configs, flow channel keyring) without a restart."""
+    key_file = tmp_path / "fleet-keys.toml"
+    FleetKeys.generate(key_file, now=time.time())
+    keyring = tmp_path / "keyring.json"
+    keyring.write_text(json.dumps([base64.b64encode(os.urandom(32)).decode()]))
+    pop = Pop(_config(tmp_path, "pop-a", 1, key_file, keyring, []))
+    await pop.start()
+    try:
+        assert pop.identity is not None and pop.gossip is not None and pop._fleet_keys is not None
+        first = pop._fleet_keys.primary.key_id
+        flow_ring = pop.gossip.replicator.keyring
+        assert pop.reload_fleet_keys() is False  # unchanged file
+        keys = FleetKeys.load(key_file)
+        new = keys.add_key(now=time.time()).key_id
+        keys.save(key_file)
+        pop.reload()
+        assert sorted(pop._fleet_keys.keys) == sorted([first, new]) and pop._fleet_keys.primary.key_id == first
+        assert set(pop.identity.codec.configs) == {first % 7, new % 7} and len(flow_ring.keys) == 2
+        keys.set_primary(new)
+        keys.remove_key(first)
+        keys.save(key_file)
+        key_file.chmod(0o644)  # a key file others can read is refused: nothing changes
+        assert pop.reload_fleet_keys() is False and pop._fleet_keys.primary.key_id == first
+        key_file.chmod(0o600)
+        assert pop.reload_fleet_keys() is True
+        assert pop._fleet_keys.primary.key_id == new and list(pop._fleet_keys.keys) == [new]
+        assert pop.identity.new_cid()[0] >> 5 == new % 7 and set(pop.identity.codec.configs) == {new % 7}
+        assert flow_ring.keys == flow_keyring(pop._fleet_keys).keys and len(flow_ring.keys) == 1
     finally:
         await pop.stop(grace=0.1, leave=False)

@@ -19,11 +19,12 @@ from h3_client import connect_h3, server_configuration_factory
 from edgeproxy.config import LimitsSection, QuicLBSection, config_from_dict
 from edgeproxy.metrics import Registry
 from edgeproxy.quic.dispatcher import EdgeQuicConnection, FleetRouting, start_quic_server
-from edgeproxy.quic.fleet import FleetKey, FleetKeys
+from edgeproxy.quic.fleet import FleetKey, FleetKeyError, FleetKeys
 from edgeproxy.quic.identity import (
     DEFAULT_KEY_FILE,
     ServerIdentity,
     build_identity,
+    lb_config_id,
     load_fleet_keys,
     node_name,
     quic_lb_key,
@@ -167,11 +168,52 @@ def test_build_identity_from_config() -> None:
     ident = build_identity(section, KEYS, worker=2)
     assert ident.node == (3, 1, 2) and ident.cid_length == 8
     assert ident.owner_of(ident.new_cid()) == (3, 1, 2)
-    assert ident.codec.current is not None and ident.codec.current.key == quic_lb_key(KEYS, 0)
-    assert quic_lb_key(KEYS, 0) != quic_lb_key(KEYS, 1)
+    # fleet key 3 issues under QUIC-LB config (config_id 0 + 3) mod 7
+    current = ident.codec.current
+    assert current is not None and current.config_id == lb_config_id(0, 3) == 3
+    assert current.key == quic_lb_key(KEYS.primary, 3) != quic_lb_key(KEYS.primary, 4)
     # the QUIC-LB key is not any other fleet sub-key, nor the secret
-    assert quic_lb_key(KEYS, 0) not in KEYS.primary.secret
+    assert quic_lb_key(KEYS.primary, 3) not in KEYS.primary.secret
     assert node_name("ams", 0, 0) == "ams" and node_name("ams", 1, 2) == "ams/1/2"
+
+
+def test_key_rotation_without_restart_keeps_every_cid_routable() -> None:
+    """Two PoPs with their own copies of the key file go through add / promote / remove at
+    different moments (`FleetKeys.replace` + `sync_keys`, what SIGHUP does): at every step each
+    routes the other's CIDs and computes the reset token the client was given."""
+    one, two = FleetKey(1, b"1" * 32, 0), FleetKey(2, b"2" * 32, 0)
+    section = QuicLBSection(pop_index=1)
+    a = build_identity(section, FleetKeys([one], 1))
+    b = build_identity(QuicLBSection(pop_index=2), FleetKeys([one], 1))
+
+    def reload(ident: ServerIdentity, keys: list[FleetKey], primary: int) -> None:
+        ident.keys.replace(FleetKeys(keys, primary))
+        ident.sync_keys()
+
+    def routable(cid: bytes, owner: ServerIdentity, other: ServerIdentity) -> bool:
+        return other.owner_of(cid) == owner.node and other.reset_token(cid) == owner.reset_token(cid)
+
+    old_cid = a.new_cid()
+    reload(a, [one, two], 1)  # step 1 at A only: A still issues under key 1
+    assert routable(a.new_cid(), a, b) and routable(b.new_cid(), b, a)
+    reload(b, [one, two], 1)
+    reload(a, [one, two], 2)  # step 2 at A first: A issues under key 2, B already decodes it
+    new_cid = a.new_cid()
+    assert new_cid[0] >> 5 == 2 and old_cid[0] >> 5 == 1
+    assert routable(new_cid, a, b) and routable(old_cid, a, b) and routable(b.new_cid(), b, a)
+    token_before = a.reset_token(new_cid)
+    reload(b, [one, two], 2)
+    assert routable(new_cid, a, b) and a.reset_token(new_cid) == token_before
+    for ident in (a, b):  # step 3: CIDs issued under key 1 stop routing
+        reload(ident, [two], 2)
+    assert b.owner_of(old_cid) is None and routable(new_cid, a, b)
+    # keys whose ids are equal mod 7 cannot be live together (one codepoint each)
+    with pytest.raises(FleetKeyError, match="key ids 2 and 9 are equal mod 7"):
+        FleetKeys([two, FleetKey(9, b"9" * 32, 0)], 2)
+    with pytest.raises(FleetKeyError, match="key ids 2 and 9 are equal mod 7"):
+        FleetKeys([two], 2).add_key(9, now=0)
+    assert FleetKeys([two], 2).add_key(now=0).key_id == 3
+    assert FleetKeys([FleetKey(k, b"k" * 32, 0) for k in (1, 7)], 1).add_key(now=0).key_id == 9  # 8 = 1 mod 7
 
 
 def test_fleet_key_file_is_created_once_in_the_state_dir(tmp_path: Path) -> None:

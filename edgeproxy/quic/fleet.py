@@ -17,8 +17,10 @@ Rotation, in three fleet-wide steps, each completed on every PoP before the next
 (1) ``add_key`` the new key everywhere (everyone accepts it, nobody issues under it yet);
 (2) ``set_primary`` to it everywhere (everyone issues under it, the old one still opens);
 (3) once the longest-lived thing issued under the old key has expired (24 h NEW_TOKEN tokens,
-the ticket lifetime), ``remove_key`` the old one. Skipping step 1 makes PoPs that have not yet
-received the new key reject what the early ones issue.
+the ticket lifetime, and QUIC connections whose CIDs were issued under it), ``remove_key`` the
+old one. Skipping step 1 makes PoPs that have not yet received the new key reject what the early
+ones issue. On a PoP each step is ``edgeproxy keys ...`` on its key file, then SIGHUP
+(``edgeproxy run`` re-reads the file; no restart).
 
 Sub-keys come from HKDF-SHA256(secret, info=label) with one label per purpose, so one secret
 never keys two algorithms: ``"edgeproxy reset"`` (HMAC key of stateless reset tokens),
@@ -307,6 +309,18 @@ def _check_age(issued_ms: int, now: float, lifetime: float) -> TokenErrorReason 
 # --------------------------------------------------------------------------------------------
 
 
+def _check_codepoints(keys: Mapping[int, object]) -> None:
+    """Live key ids must differ mod 7: each live key has its own QUIC-LB config codepoint."""
+    seen: dict[int, int] = {}
+    for key_id in sorted(keys):
+        other = seen.setdefault(key_id % 7, key_id)
+        if other != key_id:
+            raise FleetKeyError(
+                f"key ids {other} and {key_id} are equal mod 7 and would share a QUIC-LB config "
+                "codepoint; remove one before adding the other"
+            )
+
+
 class FleetKeys:
     """The live fleet keys and the primary one; issues and opens everything keyed by them.
 
@@ -326,6 +340,7 @@ class FleetKeys:
             self._keys[key.key_id] = key
         if primary not in self._keys:
             raise FleetKeyError(f"primary key id {primary!r} is not among the keys")
+        _check_codepoints(self._keys)
         self._primary = self._keys[primary]
         self._urandom = urandom
 
@@ -496,21 +511,38 @@ class FleetKeys:
     def add_key(
         self, key_id: int | None = None, *, now: float, secret: bytes | None = None
     ) -> FleetKey:
-        """Add a (by default random) key that opens but does not issue until `set_primary`."""
+        """Add a (by default random) key that opens but does not issue until `set_primary`.
+
+        A picked id differs mod 7 from every live one: each live key has its own QUIC-LB config
+        codepoint (see `identity`)."""
         if key_id is None:
             start = max(self._keys) + 1
+            taken = {k % 7 for k in self._keys}
             key_id = next(
-                (i % 256 for i in range(start, start + 256) if i % 256 not in self._keys), None
+                (
+                    i % 256
+                    for i in range(start, start + 256)
+                    if i % 256 not in self._keys and (i % 256) % 7 not in taken
+                ),
+                None,
             )
             if key_id is None:
-                raise FleetKeyError("all 256 key ids are in use")
+                raise FleetKeyError(
+                    "no free key id: 7 keys are live (one per QUIC-LB codepoint); remove one"
+                )
         if key_id in self._keys:
             raise FleetKeyError(f"key id {key_id} already exists")
+        _check_codepoints({**self._keys, key_id: None})
         key = FleetKey(
             key_id, self._urandom(MIN_SECRET_LENGTH) if secret is None else secret, int(now)
         )
         self._keys[key_id] = key
         return key
+
+    def replace(self, other: FleetKeys) -> None:
+        """Take `other`'s keys and primary (a reloaded key file). Everything holding this
+        object issues under the new primary and opens under the new set from now on."""
+        self._keys, self._primary = dict(other._keys), other._primary
 
     def set_primary(self, key_id: int) -> None:
         key = self._keys.get(key_id)

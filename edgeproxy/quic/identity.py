@@ -9,16 +9,22 @@ Destination CID alone and forward it there.
 
 Keys:
 
-* QUIC-LB: ``HKDF-SHA256(primary fleet secret, info="edgeproxy quic-lb" || config_id)``, 16
-  bytes; every PoP with the same fleet key file derives the same one. The fleet key id is not
-  carried in a CID, so the primary fleet key and the QUIC-LB config_id must change together
-  (a new primary with the old config_id would make PoPs that restarted at different times
-  decode each other's CIDs to garbage). ``encrypt = false`` selects the draft's plaintext
-  algorithm instead (server ID readable on the wire, for debugging and lab captures).
+* QUIC-LB: every live fleet key has its own QUIC-LB configuration, config id
+  ``(quic_lb.config_id + key id) mod 7`` (`lb_config_id`) with the key
+  ``HKDF-SHA256(that key's secret, info="edgeproxy quic-lb" || config id)``, 16 bytes; every PoP
+  with the same fleet key file derives the same ones. CIDs are issued under the primary key's
+  configuration and decoded under any live one, so a key rotation (add everywhere, promote,
+  remove: see `fleet`) never leaves PoPs that switched at different moments unable to route
+  each other's CIDs. Live key ids differ mod 7 (`fleet.FleetKeys` enforces it), so each has
+  its own config id. ``encrypt = false`` selects the draft's plaintext algorithm instead (one config,
+  ``quic_lb.config_id``; server ID visible on the wire, for debugging and lab captures).
 * Stateless reset tokens: ``fleet.FleetKeys.reset_token(cid)`` (HMAC of the CID under the
-  fleet's reset sub-key), so the PoP a dead owner's packets reach can compute the token the
-  client holds. CIDs are never reused under one key: nonces come from the codec's counter
-  (`lb.QuicLBCodec`), per process, and the worker index in the server ID keeps processes apart.
+  fleet's reset sub-key) of the key the CID's config id names, so the PoP a dead owner's
+  packets reach computes the token the client holds, whichever key is primary by then. CIDs
+  are never reused under one key: nonces come from the codec's counter (`lb.QuicLBCodec`), per
+  process, and the worker index in the server ID keeps processes apart.
+
+`ServerIdentity.sync_keys` follows a reloaded key file (SIGHUP) without a restart.
 
 When the codec cannot encode (nonce space exhausted, no current config) the node issues
 unroutable 0b111 CIDs of the same length; the dispatcher publishes those in the flow table.
@@ -40,7 +46,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .fleet import FleetKeyError, FleetKeys, build_stateless_reset
+from .fleet import FleetKey, FleetKeyError, FleetKeys, build_stateless_reset
 from .lb import (
     KEY_LENGTH,
     Decoded,
@@ -57,8 +63,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_KEY_FILE",
+    "LBParams",
     "ServerIdentity",
     "build_identity",
+    "lb_config_id",
     "load_fleet_keys",
     "node_name",
     "quic_lb_key",
@@ -69,11 +77,42 @@ DEFAULT_KEY_FILE = "fleet-keys.toml"
 _QUIC_LB_LABEL = b"edgeproxy quic-lb"
 
 
-def quic_lb_key(keys: FleetKeys, config_id: int) -> bytes:
-    """The QUIC-LB AES-128 key of `config_id`, derived from the primary fleet secret."""
+def lb_config_id(base: int, key_id: int) -> int:
+    """The QUIC-LB config id of fleet key `key_id` (7 is reserved for unroutable CIDs)."""
+    return (base + key_id) % 7
+
+
+def quic_lb_key(key: FleetKey, config_id: int) -> bytes:
+    """The QUIC-LB AES-128 key of `config_id`, derived from the fleet key's secret."""
     return HKDF(
         algorithm=SHA256(), length=KEY_LENGTH, salt=None, info=_QUIC_LB_LABEL + bytes((config_id,))
-    ).derive(keys.primary.secret)
+    ).derive(key.secret)
+
+
+@dataclass(frozen=True, slots=True)
+class LBParams:
+    """What a node's QUIC-LB configurations are made of, besides the fleet keys."""
+
+    base: int  # quic_lb.config_id
+    server_id_len: int
+    nonce_len: int
+    encrypt: bool
+
+    def configs(self, keys: FleetKeys) -> tuple[dict[int, LBConfig], dict[int, int], int]:
+        """(config id -> LBConfig, config id -> fleet key id, the primary's config id). Live
+        key ids differ mod 7 (`FleetKeys` refuses anything else), so config ids never clash."""
+        if not self.encrypt:
+            config = LBConfig(self.base, self.server_id_len, self.nonce_len)
+            return {self.base: config}, {}, self.base
+        configs: dict[int, LBConfig] = {}
+        key_of: dict[int, int] = {}
+        for key_id, key in sorted(keys.keys.items()):
+            cid = lb_config_id(self.base, key_id)
+            key_of[cid] = key_id
+            configs[cid] = LBConfig(
+                cid, self.server_id_len, self.nonce_len, key=quic_lb_key(key, cid)
+            )
+        return configs, key_of, lb_config_id(self.base, keys.primary.key_id)
 
 
 def node_name(pop_id: str, host: int, worker: int) -> str:
@@ -104,7 +143,10 @@ class ServerIdentity:
         node: NodeId,
         keys: FleetKeys,
         urandom: Callable[[int], bytes] = os.urandom,
+        lb_params: LBParams | None = None,
     ) -> None:
+        """`lb_params` (set by `build_identity`) ties the codec's configurations to the fleet
+        keys: reset tokens then use the key of a CID's config, and `sync_keys` works."""
         current = codec.current
         if current is None:
             raise ValueError("the QUIC-LB codec needs a current configuration")
@@ -123,6 +165,10 @@ class ServerIdentity:
         # Server IDs of live nodes are few; decoded ones are cached so that routing a
         # datagram costs one codec decode plus a dict lookup.
         self._owners: dict[bytes, _Owner] = {}
+        self._lb_params = lb_params
+        self._key_of_config: dict[int, int] = {}
+        if lb_params is not None:
+            self._key_of_config = lb_params.configs(keys)[1]
 
     @property
     def node(self) -> NodeId:
@@ -147,10 +193,32 @@ class ServerIdentity:
             return unroutable_cid(self._cid_length)
 
     def reset_token(self, cid: bytes) -> bytes:
+        """The token of `cid` under the fleet key its config id names (else the primary)."""
+        key_id = self._key_of_config.get(cid[0] >> 5) if cid else None
+        if key_id is not None and self.keys.get(key_id) is not None:
+            return self.keys.reset_token(cid, key_id=key_id)
         return self.keys.reset_token(cid)
 
     def stateless_reset(self, cid: bytes, trigger_len: int) -> bytes | None:
-        return build_stateless_reset(self.keys.reset_token(cid), trigger_len, self._urandom)
+        return build_stateless_reset(self.reset_token(cid), trigger_len, self._urandom)
+
+    def sync_keys(self) -> None:
+        """Follow the fleet keys (after `FleetKeys.replace`): a configuration per live key,
+        issuing under the primary's; configurations of removed keys stop decoding."""
+        params = self._lb_params
+        if params is None:
+            return
+        configs, key_of, current = params.configs(self.keys)
+        codec = self.codec
+        for cid, live in list(codec.configs.items()):
+            if configs.get(cid) != live:
+                codec.remove_config(cid)
+        for cid, config in configs.items():
+            if cid not in codec.configs:
+                codec.add_config(config)
+        codec.set_current(current)
+        self._key_of_config = key_of
+        self._owners.clear()
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -178,17 +246,14 @@ def build_identity(section: QuicLBSection, keys: FleetKeys, worker: int = 0) -> 
         worker_bits=section.worker_bits,
         server_id_len=section.server_id_len,
     )
-    config = LBConfig(
-        config_id=section.config_id,
-        server_id_len=layout.server_id_len,
-        nonce_len=section.nonce_len,
-        key=quic_lb_key(keys, section.config_id) if section.encrypt else None,
-    )
+    params = LBParams(section.config_id, layout.server_id_len, section.nonce_len, section.encrypt)
+    configs, _key_of, current = params.configs(keys)
     return ServerIdentity(
-        codec=QuicLBCodec([config]),
+        codec=QuicLBCodec(configs.values(), current=current),
         layout=layout,
         node=(section.pop_index, section.host_index, worker),
         keys=keys,
+        lb_params=params,
     )
 
 
