@@ -357,7 +357,7 @@ def _serve(
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as e:
-                trace.add("error", e.error_status_hint, _states(conn))
+                trace.add("error", e.error_status_hint, str(e), _states(conn))
                 return False
             if event is h11.NEED_DATA:
                 trace.add("need-data", _states(conn))
@@ -732,7 +732,7 @@ def _script(
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as e:
-            trace.add("error", e.error_status_hint, _states(conn))
+            trace.add("error", e.error_status_hint, str(e), _states(conn))
             break
         trace.add("event", type(event).__name__, _states(conn))
         if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.EndOfMessage):
@@ -749,7 +749,7 @@ def _script(
         try:
             trace.add("next", repr(conn.next_event()), _states(conn))
         except h11.RemoteProtocolError as e:
-            trace.add("error", e.error_status_hint, _states(conn))
+            trace.add("error", e.error_status_hint, str(e), _states(conn))
     else:
         with pytest.raises(h11.LocalProtocolError):
             conn.start_next_cycle()

@@ -281,14 +281,17 @@ _LLHTTP_STRICT = probe_llhttp(_llhttp_accepts, b"GET / HTTP/1.1")
 
 class _H11Cycle:
     """What the server and client roles share: h11's pair of states and its state-triggered
-    transitions, the receive buffer, the request/response cycle and Content-Length bodies. (Their
-    chunked readers differ only in how h11 words their errors, so each role keeps its own.)"""
+    transitions, the receive buffer, the request/response cycle, Content-Length and chunked
+    bodies, and head and trailer lines."""
 
     __slots__ = (
         "_buf",
         "_c",
+        "_chunk_discard",
+        "_chunk_left",
         "_closed",
         "_connect_proposed",
+        "_in_trailer",
         "_keep_alive",
         "_line_scan",
         "_lines_scan",
@@ -299,6 +302,9 @@ class _H11Cycle:
     )
 
     _buf: bytearray
+    _chunk_discard: bytes
+    _chunk_left: int
+    _in_trailer: bool
     _c: _State
     _s: _State
     _closed: bool
@@ -375,17 +381,93 @@ class _H11Cycle:
         self._remaining = remaining - len(data)
         return _Data(data=data)
 
+    def _extract_lines(self) -> list[bytearray] | None:
+        """Everything up to the first blank line, as lines without their CR/LF (h11's rule).
+
+        bytearray lines, as h11's, so error messages quoting them read the same."""
+        buf = self._buf
+        first = buf[:2]
+        if first[:1] == b"\n" or first == b"\r\n":
+            del buf[: 1 if first[:1] == b"\n" else 2]
+            self._lines_scan = self._line_scan = 0
+            return []
+        m = _HEAD_END.search(buf, self._lines_scan)
+        if m is None:
+            self._lines_scan = max(0, len(buf) - 2)
+            return None
+        end = m.end()
+        block = buf[:end]
+        del buf[:end]
+        self._lines_scan = self._line_scan = 0
+        lines = block.split(b"\n")
+        del lines[-2:]
+        return [line[:-1] if line[-1:] == b"\r" else line for line in lines]
+
+    def _read_chunked(self) -> h11.Data | h11.EndOfMessage | None:
+        buf = self._buf
+        if self._in_trailer:
+            lines = self._extract_lines()
+            if lines is None:
+                return None
+            if not lines:
+                return _EMPTY_EOM
+            return _EndOfMessage(headers=_decode_trailer_lines(lines))  # type: ignore[arg-type]
+        if self._chunk_discard:
+            expected = self._chunk_discard
+            got = buf[: len(expected)]
+            if not got:
+                return None
+            del buf[: len(got)]
+            self._lines_scan = self._line_scan = 0
+            if got != expected[: len(got)]:
+                raise _LocalError(f"malformed chunk footer: {got!r} (expected {expected!r})")
+            self._chunk_discard = expected[len(got) :]
+            if self._chunk_discard:
+                return None
+        if self._chunk_left == 0:
+            idx = buf.find(b"\r\n", max(0, self._line_scan - 1))
+            if idx == -1:
+                self._line_scan = len(buf)
+                return None
+            # Matched in place: only a bad line is copied (for the error message).
+            m = _CHUNK_HEADER.fullmatch(buf, 0, idx + 2)
+            if m is None:
+                line = buf[: idx + 2]
+                del buf[: idx + 2]
+                self._lines_scan = self._line_scan = 0
+                raise _LocalError(f"illegal chunk header: {line!r}")
+            size = int(m[1], 16)
+            del buf[: idx + 2]
+            self._lines_scan = self._line_scan = 0
+            self._chunk_left = size
+            if size == 0:
+                self._in_trailer = True
+                return self._read_chunked()
+            chunk_start = True
+        else:
+            chunk_start = False
+        if not buf:
+            return None
+        left = self._chunk_left
+        if len(buf) <= left:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:left])
+            del buf[:left]
+        self._lines_scan = self._line_scan = 0
+        self._chunk_left = left = left - len(data)
+        if left == 0:
+            self._chunk_discard = b"\r\n"
+        return _Data(data=data, chunk_start=chunk_start, chunk_end=left == 0)
 
 
 class FastServerConnection(_H11Cycle):
     """The server role of ``h11.Connection``: same events, states, errors and output bytes."""
 
     __slots__ = (
-        "_chunk_discard",
-        "_chunk_left",
         "_chunked",
         "_content_length",
-        "_in_trailer",
         "_max",
         "_out_left",
         "_out_mode",
@@ -502,26 +584,6 @@ class FastServerConnection(_H11Cycle):
             "peer closed connection without sending complete message body "
             f"(received {total - self._remaining} bytes, expected {total})"
         )
-
-    def _extract_lines(self) -> list[bytes] | None:
-        """Everything up to the first blank line, as lines without their CR/LF (h11's rule)."""
-        buf = self._buf
-        first = buf[:2]
-        if first[:1] == b"\n" or first == b"\r\n":
-            del buf[: 1 if first[:1] == b"\n" else 2]
-            self._lines_scan = self._line_scan = 0
-            return []
-        m = _HEAD_END.search(buf, self._lines_scan)
-        if m is None:
-            self._lines_scan = max(0, len(buf) - 2)
-            return None
-        end = m.end()
-        block = bytes(buf[:end])
-        del buf[:end]
-        self._lines_scan = self._line_scan = 0
-        lines = block.split(b"\n")
-        del lines[-2:]
-        return [line[:-1] if line[-1:] == b"\r" else line for line in lines]
 
     def _read_head(self) -> h11.Request | None:
         buf = self._buf
@@ -673,60 +735,6 @@ class FastServerConnection(_H11Cycle):
             self._content_length = self._remaining = (
                 int(content_length) if content_length is not None else 0
             )
-
-    def _read_chunked(self) -> h11.Data | h11.EndOfMessage | None:
-        buf = self._buf
-        if self._in_trailer:
-            lines = self._extract_lines()
-            if lines is None:
-                return None
-            if not lines:
-                return _EMPTY_EOM
-            return _EndOfMessage(headers=_decode_trailer_lines(lines))
-        if self._chunk_discard:
-            expected = self._chunk_discard
-            got = bytes(buf[: len(expected)])
-            if not got:
-                return None
-            del buf[: len(got)]
-            self._lines_scan = self._line_scan = 0
-            if got != expected[: len(got)]:
-                raise _LocalError(f"malformed chunk footer: {got!r} (expected {expected!r})")
-            self._chunk_discard = expected[len(got) :]
-            if self._chunk_discard:
-                return None
-        if self._chunk_left == 0:
-            idx = buf.find(b"\r\n", max(0, self._line_scan - 1))
-            if idx == -1:
-                self._line_scan = len(buf)
-                return None
-            line = bytes(buf[: idx + 2])
-            del buf[: idx + 2]
-            self._lines_scan = self._line_scan = 0
-            m = _CHUNK_HEADER.fullmatch(line)
-            if m is None:
-                raise _LocalError(f"illegal chunk header: {line!r}")
-            self._chunk_left = int(m[1], 16)
-            if self._chunk_left == 0:
-                self._in_trailer = True
-                return self._read_chunked()
-            chunk_start = True
-        else:
-            chunk_start = False
-        if not buf:
-            return None
-        left = self._chunk_left
-        if len(buf) <= left:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:left])
-            del buf[:left]
-        self._lines_scan = self._line_scan = 0
-        self._chunk_left = left = left - len(data)
-        if left == 0:
-            self._chunk_discard = b"\r\n"
-        return _Data(data=data, chunk_start=chunk_start, chunk_end=left == 0)
 
     # -- sending ------------------------------------------------------------------------------
 

@@ -66,11 +66,9 @@ from h11._receivebuffer import ReceiveBuffer
 from h11._util import Sentinel
 
 from .h1fast import (
-    _CHUNK_HEADER,
     _HEAD_END,
     _MAX_CONTENT_LENGTH_DIGITS,
     _comma_values,
-    _decode_trailer_lines,
     _H11Cycle,
     _HeaderSink,
     _write_fields,
@@ -176,10 +174,7 @@ class FastClientConnection(_H11Cycle):
     """The client role of ``h11.Connection``: same events, states, errors and output bytes."""
 
     __slots__ = (
-        "_chunk_discard",
-        "_chunk_left",
         "_content_length",
-        "_in_trailer",
         "_max",
         "_out_left",
         "_out_mode",
@@ -480,86 +475,6 @@ class FastClientConnection(_H11Cycle):
         buf.clear()
         self._lines_scan = self._line_scan = 0
         return _Data(data=data)
-
-    def _extract_lines(self) -> list[bytearray] | None:
-        """Everything up to the first blank line, as lines without their CR/LF (h11's rule).
-
-        bytearray lines, as h11's, so error messages about them read the same."""
-        buf = self._buf
-        first = buf[:2]
-        if first[:1] == b"\n" or first == b"\r\n":
-            del buf[: 1 if first[:1] == b"\n" else 2]
-            self._lines_scan = self._line_scan = 0
-            return []
-        m = _HEAD_END.search(buf, self._lines_scan)
-        if m is None:
-            self._lines_scan = max(0, len(buf) - 2)
-            return None
-        end = m.end()
-        block = buf[:end]
-        del buf[:end]
-        self._lines_scan = self._line_scan = 0
-        lines = block.split(b"\n")
-        del lines[-2:]
-        return [line[:-1] if line[-1:] == b"\r" else line for line in lines]
-
-    def _read_chunked(self) -> h11.Data | h11.EndOfMessage | None:
-        buf = self._buf
-        if self._in_trailer:
-            lines = self._extract_lines()
-            if lines is None:
-                return None
-            if not lines:
-                return _EMPTY_EOM
-            return _EndOfMessage(headers=_decode_trailer_lines(lines))  # type: ignore[arg-type]
-        if self._chunk_discard:
-            expected = self._chunk_discard
-            got = buf[: len(expected)]
-            if not got:
-                return None
-            del buf[: len(got)]
-            self._lines_scan = self._line_scan = 0
-            if got != expected[: len(got)]:
-                raise _LocalError(f"malformed chunk footer: {got!r} (expected {expected!r})")
-            self._chunk_discard = expected[len(got) :]
-            if self._chunk_discard:
-                return None
-        if self._chunk_left == 0:
-            idx = buf.find(b"\r\n", max(0, self._line_scan - 1))
-            if idx == -1:
-                self._line_scan = len(buf)
-                return None
-            # Matched in place: only a bad line is copied (for the error message).
-            m = _CHUNK_HEADER.fullmatch(buf, 0, idx + 2)
-            if m is None:
-                line = buf[: idx + 2]
-                del buf[: idx + 2]
-                self._lines_scan = self._line_scan = 0
-                raise _LocalError(f"illegal chunk header: {line!r}")
-            size = int(m[1], 16)
-            del buf[: idx + 2]
-            self._lines_scan = self._line_scan = 0
-            self._chunk_left = size
-            if size == 0:
-                self._in_trailer = True
-                return self._read_chunked()
-            chunk_start = True
-        else:
-            chunk_start = False
-        if not buf:
-            return None
-        left = self._chunk_left
-        if len(buf) <= left:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:left])
-            del buf[:left]
-        self._lines_scan = self._line_scan = 0
-        self._chunk_left = left = left - len(data)
-        if left == 0:
-            self._chunk_discard = b"\r\n"
-        return _Data(data=data, chunk_start=chunk_start, chunk_end=left == 0)
 
     # -- sending ------------------------------------------------------------------------------
 
