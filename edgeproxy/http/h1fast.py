@@ -291,17 +291,31 @@ class _H11Cycle:
         "_chunk_left",
         "_closed",
         "_connect_proposed",
+        "_content_length",
         "_in_trailer",
         "_keep_alive",
         "_line_scan",
         "_lines_scan",
+        "_max",
+        "_out_left",
+        "_out_mode",
         "_remaining",
         "_request_method",
         "_s",
+        "_sink",
         "_upgrade_proposed",
+        "client_is_waiting_for_100_continue",
+        "their_http_version",
     )
 
     _buf: bytearray
+    _max: int
+    _content_length: int
+    _out_mode: int
+    _out_left: int
+    _sink: _HeaderSink
+    their_http_version: bytes | None
+    client_is_waiting_for_100_continue: bool
     _chunk_discard: bytes
     _chunk_left: int
     _in_trailer: bool
@@ -315,6 +329,33 @@ class _H11Cycle:
     _remaining: int
     _request_method: bytes | None
     _upgrade_proposed: bool
+
+    def __init__(self, max_incomplete_event_size: int) -> None:
+        self._max = max_incomplete_event_size
+        self._buf = bytearray()
+        self._closed = False
+        # Resume points for the two boundary searches, so a head or a chunk-size line that
+        # arrives a byte at a time is scanned once (h11's ReceiveBuffer does the same).
+        self._lines_scan = 0
+        self._line_scan = 0
+        self._c = _IDLE
+        self._s = _IDLE
+        self._keep_alive = True
+        self._upgrade_proposed = False
+        self._connect_proposed = False
+        self._request_method = None
+        self.their_http_version = None
+        self.client_is_waiting_for_100_continue = False
+        # The peer's body: Content-Length or chunked reader state.
+        self._remaining = 0
+        self._content_length = 0
+        self._chunk_left = 0
+        self._chunk_discard = b""
+        self._in_trailer = False
+        # Our body's writer.
+        self._out_mode = _W_LENGTH
+        self._out_left = 0
+        self._sink = _HeaderSink()
 
     @property
     def states(self) -> dict[_State, _State]:
@@ -465,44 +506,11 @@ class _H11Cycle:
 class FastServerConnection(_H11Cycle):
     """The server role of ``h11.Connection``: same events, states, errors and output bytes."""
 
-    __slots__ = (
-        "_chunked",
-        "_content_length",
-        "_max",
-        "_out_left",
-        "_out_mode",
-        "_sink",
-        "client_is_waiting_for_100_continue",
-        "their_http_version",
-    )
+    __slots__ = ("_chunked",)
 
     def __init__(self, max_incomplete_event_size: int = 16 * 1024) -> None:
-        self._max = max_incomplete_event_size
-        self._buf = bytearray()
-        self._closed = False
-        # Resume points for the two boundary searches, so a head or a chunk-size line that
-        # arrives a byte at a time is scanned once (h11's ReceiveBuffer does the same).
-        self._lines_scan = 0
-        self._line_scan = 0
-        self._c: _State = _IDLE
-        self._s: _State = _IDLE
-        self._keep_alive = True
-        self._upgrade_proposed = False
-        self._connect_proposed = False
-        self._request_method: bytes | None = None
-        self.their_http_version: bytes | None = None
-        self.client_is_waiting_for_100_continue = False
-        # Request body reader.
-        self._chunked = False
-        self._remaining = 0
-        self._content_length = 0
-        self._chunk_left = 0
-        self._chunk_discard = b""
-        self._in_trailer = False
-        # Response body writer.
-        self._out_mode = _W_LENGTH
-        self._out_left = 0
-        self._sink = _HeaderSink()
+        super().__init__(max_incomplete_event_size)
+        self._chunked = False  # how the request body is framed
 
     # -- state ------------------------------------------------------------------------------
 

@@ -63,44 +63,40 @@ import httptools
 from h11._headers import Headers  # private: see "Known differences" above
 from h11._readers import maybe_read_from_SEND_RESPONSE_server as _h11_read_response_head
 from h11._receivebuffer import ReceiveBuffer
-from h11._util import Sentinel
 
-from .h1fast import (
+from .h1fast import (  # the shared h11 cycle, short names for h11's states and events, helpers
+    _CLOSED,
+    _DONE,
+    _ERROR,
     _HEAD_END,
+    _IDLE,
     _MAX_CONTENT_LENGTH_DIGITS,
+    _MUST_CLOSE,
+    _NEED_DATA,
+    _PAUSED,
+    _SEND_BODY,
+    _SEND_RESPONSE,
+    _SWITCHED,
+    _W_CHUNKED,
+    _W_LENGTH,
     _comma_values,
+    _ConnectionClosed,
+    _Data,
+    _EndOfMessage,
     _H11Cycle,
     _HeaderSink,
+    _Informational,
+    _LocalError,
+    _RemoteError,
+    _Request,
+    _Response,
+    _setattr,
+    _State,
     _write_fields,
     probe_llhttp,
 )
 
 __all__ = ["FastClientConnection"]
-
-_State = type[Sentinel]
-
-_IDLE = h11.IDLE
-_SEND_RESPONSE = h11.SEND_RESPONSE
-_SEND_BODY = h11.SEND_BODY
-_DONE = h11.DONE
-_MUST_CLOSE = h11.MUST_CLOSE
-_CLOSED = h11.CLOSED
-_MIGHT_SWITCH = h11.MIGHT_SWITCH_PROTOCOL
-_SWITCHED = h11.SWITCHED_PROTOCOL
-_ERROR = h11.ERROR
-_NEED_DATA = h11.NEED_DATA
-_PAUSED = h11.PAUSED
-
-_Request = h11.Request
-_Response = h11.Response
-_Informational = h11.InformationalResponse
-_Data = h11.Data
-_EndOfMessage = h11.EndOfMessage
-_ConnectionClosed = h11.ConnectionClosed
-_LocalError = h11.LocalProtocolError
-_RemoteError = h11.RemoteProtocolError
-
-_setattr = object.__setattr__
 
 # h11's status-line grammar (RFC 7230 as h11 0.16 reads it): a 3-digit code, the reason phrase
 # optional, and any bytes but NUL and whitespace other than SP / HTAB in it.
@@ -120,11 +116,7 @@ _R_LENGTH = 0
 _R_CHUNKED = 1
 _R_EOF = 2
 
-# Request body writers (requests are never close-delimited).
-_W_LENGTH = 0
-_W_CHUNKED = 1
-
-_EMPTY_EOM = _EndOfMessage()
+# Request body writers: h1fast's _W_LENGTH and _W_CHUNKED (requests are never close-delimited).
 
 
 def _h11_parse_head(head: bytes) -> h11.Response | h11.InformationalResponse:
@@ -173,44 +165,11 @@ _LLHTTP_STRICT = probe_llhttp(_llhttp_accepts, b"HTTP/1.1 200 OK")
 class FastClientConnection(_H11Cycle):
     """The client role of ``h11.Connection``: same events, states, errors and output bytes."""
 
-    __slots__ = (
-        "_content_length",
-        "_max",
-        "_out_left",
-        "_out_mode",
-        "_reader",
-        "_sink",
-        "client_is_waiting_for_100_continue",
-        "their_http_version",
-    )
+    __slots__ = ("_reader",)
 
     def __init__(self, max_incomplete_event_size: int = 16 * 1024) -> None:
-        self._max = max_incomplete_event_size
-        self._buf = bytearray()
-        self._closed = False
-        # Resume points for the two boundary searches, so a head or a chunk-size line that
-        # arrives a byte at a time is scanned once (h11's ReceiveBuffer does the same).
-        self._lines_scan = 0
-        self._line_scan = 0
-        self._c: _State = _IDLE  # our state (CLIENT)
-        self._s: _State = _IDLE  # their state (SERVER)
-        self._keep_alive = True
-        self._upgrade_proposed = False
-        self._connect_proposed = False
-        self._request_method: bytes | None = None
-        self.their_http_version: bytes | None = None
-        self.client_is_waiting_for_100_continue = False
-        # Response body reader.
-        self._reader = _R_LENGTH
-        self._remaining = 0
-        self._content_length = 0
-        self._chunk_left = 0
-        self._chunk_discard = b""
-        self._in_trailer = False
-        # Request body writer.
-        self._out_mode = _W_LENGTH
-        self._out_left = 0
-        self._sink = _HeaderSink()
+        super().__init__(max_incomplete_event_size)
+        self._reader = _R_LENGTH  # how the response body is framed
 
     # -- state ------------------------------------------------------------------------------
 
