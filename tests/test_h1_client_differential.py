@@ -18,11 +18,19 @@ responses and generated heads. The send side is compared on scripted and generat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import pairwise
 from typing import Any
 
 import h11
 import pytest
+from differential_helpers import (
+    Trace,
+    bytewise,
+    mutated,
+    pieces,
+    protocol_error,
+    send_events,
+    states,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -309,9 +317,6 @@ REQUESTS: dict[str, list[Any]] = {
 # -- the shared driver ----------------------------------------------------------------------
 
 
-def _states(conn: Any) -> tuple[str, str]:
-    return (repr(conn.our_state), repr(conn.their_state))
-
 
 def _fields(headers: Any) -> list[tuple[bytes, bytes]]:
     return [(bytes(k), bytes(v)) for k, v in headers.raw_items()]
@@ -339,31 +344,6 @@ def _event(ev: Any) -> tuple[Any, ...]:
     raise AssertionError(f"unexpected event {ev!r}")
 
 
-def _error(e: BaseException) -> tuple[Any, ...]:
-    assert isinstance(e, h11.ProtocolError), repr(e)
-    return (type(e).__name__, str(e), e.error_status_hint)
-
-
-class _Trace:
-    def __init__(self) -> None:
-        self.items: list[tuple[Any, ...]] = []
-
-    def add(self, *item: Any) -> None:
-        self.items.append(item)
-
-
-def _send(conn: Any, trace: _Trace, events: Sequence[Any]) -> bool:
-    """Sends events, recording bytes and states; False if one of them was refused."""
-    for event in events:
-        try:
-            out = conn.send(event)
-        except h11.LocalProtocolError as e:
-            trace.add("send-error", type(event).__name__, _error(e), _states(conn))
-            return False
-        trace.add("sent", type(event).__name__, out, _states(conn))
-    return True
-
-
 def _drive(
     factory: Any,
     request: Sequence[Any],
@@ -376,14 +356,14 @@ def _drive(
     """The mini client. `early`: send only the request head before the response arrives (as
     the origin client does while an upload is under way), the rest once the response is in."""
     conn = factory(max_size)
-    trace = _Trace()
+    trace = Trace()
     pending = list(request[1:]) if early else []
-    _send(conn, trace, request[:1] if early else request)
+    send_events(conn, trace, request[:1] if early else request)
     cycles = 0
 
     def finish_request() -> None:
         if pending:
-            _send(conn, trace, pending)
+            send_events(conn, trace, pending)
             pending.clear()
 
     def next_cycle() -> None:
@@ -391,8 +371,8 @@ def _drive(
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE and cycles < 3:
             conn.start_next_cycle()
             cycles += 1
-            trace.add("next-cycle", _states(conn))
-            _send(conn, trace, REQUESTS["get"])
+            trace.add("next-cycle", states(conn))
+            send_events(conn, trace, REQUESTS["get"])
 
     def pump() -> bool:
         """Events until more data is needed (True) or the conversation cannot go on (False)."""
@@ -400,29 +380,29 @@ def _drive(
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as e:
-                trace.add("error", _error(e), _states(conn))
+                trace.add("error", protocol_error(e), states(conn))
                 # Once in ERROR, every later call fails the same way.
                 with pytest.raises(h11.RemoteProtocolError) as again:
                     conn.next_event()
-                trace.add("error-again", _error(again.value), _states(conn))
+                trace.add("error-again", protocol_error(again.value), states(conn))
                 return False
             if event is h11.NEED_DATA:
-                trace.add("need-data", _states(conn))
+                trace.add("need-data", states(conn))
                 return True
             if event is h11.PAUSED:
-                trace.add("paused", _states(conn), conn.trailing_data)
+                trace.add("paused", states(conn), conn.trailing_data)
                 if conn.their_state is h11.DONE and pending:
                     finish_request()
                     next_cycle()
                     if conn.their_state is h11.IDLE:
                         continue
                 return False
-            trace.add("event", _event(event), _states(conn), conn.their_http_version)
+            trace.add("event", _event(event), states(conn), conn.their_http_version)
             if isinstance(event, h11.EndOfMessage):
                 finish_request()
                 next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
-                trace.add("again", _event(conn.next_event()), _states(conn))
+                trace.add("again", _event(conn.next_event()), states(conn))
                 return False
         raise AssertionError("no progress after 10000 events")
 
@@ -433,7 +413,7 @@ def _drive(
     trace.add(
         "end",
         conn.trailing_data,
-        _states(conn),
+        states(conn),
         conn.their_http_version,
         conn.client_is_waiting_for_100_continue,
         conn.they_are_waiting_for_100_continue,
@@ -451,10 +431,6 @@ def _assert_agree(request: str, chunks: Sequence[bytes], **kw: Any) -> list[tupl
     return expected
 
 
-def _bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
-
-
 # -- the corpus ------------------------------------------------------------------------------
 
 
@@ -465,11 +441,11 @@ def test_corpus_agrees(name: str) -> None:
         for eof in (False, True):
             _assert_agree(request, [data], eof=eof)
         _assert_agree(request, [data], max_size=48)
-        _assert_agree(request, _bytewise(data))
+        _assert_agree(request, bytewise(data))
     for request in ("get", "post_cl", "post_chunked", "expect", "upgrade"):
         _assert_agree(request, [data], early=True)
-        _assert_agree(request, _bytewise(data), early=True, max_size=48)
-    _assert_agree("get", _bytewise(data), eof=False, max_size=48)
+        _assert_agree(request, bytewise(data), early=True, max_size=48)
+    _assert_agree("get", bytewise(data), eof=False, max_size=48)
 
 
 @pytest.mark.parametrize(
@@ -521,7 +497,7 @@ def test_corpus_verdicts_are_the_expected_ones() -> None:
     trace = _drive(_h11, REQUESTS["get"], [CORPUS["close_delimited_11"]])
     assert ("event", ("EndOfMessage", []), ("DONE", "DONE"), b"1.1") in trace
     # A head that is still incomplete when it outgrows the limit is a 431; a complete one is not.
-    trace = _drive(_h11, REQUESTS["get"], _bytewise(CORPUS["huge_head"]), max_size=65536)
+    trace = _drive(_h11, REQUESTS["get"], bytewise(CORPUS["huge_head"]), max_size=65536)
     assert any(t[0] == "error" and t[1][2] == 431 for t in trace)
     assert outcome("huge_head") == "ok"
 
@@ -616,35 +592,6 @@ _NASTY = [
 ]
 
 
-@st.composite
-def _mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from(_SEEDS)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "dup", "case"]))
-        pos = draw(st.integers(0, len(data)))
-        if op == "flip" and pos < len(data):
-            data[pos] = draw(st.integers(0, 255))
-        elif op == "insert":
-            data[pos:pos] = draw(
-                st.one_of(st.sampled_from(_NASTY), st.binary(min_size=1, max_size=4))
-            )
-        elif op == "delete":
-            del data[pos : pos + draw(st.integers(1, 8))]
-        elif op == "dup":
-            end = min(len(data), pos + draw(st.integers(1, 40)))
-            data[end:end] = data[pos:end]
-        elif op == "case" and pos < len(data):
-            data[pos : pos + 8] = bytes(data[pos : pos + 8]).swapcase()
-    return bytes(data)
-
-
-@st.composite
-def _chunks(draw: st.DrawFn, data: bytes) -> list[bytes]:
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
-    edges = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in pairwise(edges) if b > a]
-
-
 _FIELD_NAMES = [
     b"Content-Length",
     b"content-length",
@@ -720,11 +667,11 @@ _settings = settings(max_examples=400, deadline=None, suppress_health_check=[Hea
 
 
 @_settings
-@given(data=st.data(), raw=_mutated())
+@given(data=st.data(), raw=mutated(_SEEDS, _NASTY))
 def test_mutated_responses_agree(data: st.DataObject, raw: bytes) -> None:
     _assert_agree(
         data.draw(st.sampled_from(sorted(REQUESTS))),
-        data.draw(_chunks(raw)),
+        data.draw(pieces(raw)),
         eof=data.draw(st.booleans()),
         max_size=data.draw(st.sampled_from([16384, 200, 40])),
         early=data.draw(st.booleans()),
@@ -736,7 +683,7 @@ def test_mutated_responses_agree(data: st.DataObject, raw: bytes) -> None:
 def test_generated_responses_agree(data: st.DataObject, raw: bytes) -> None:
     _assert_agree(
         data.draw(st.sampled_from(sorted(REQUESTS))),
-        data.draw(_chunks(raw)),
+        data.draw(pieces(raw)),
         eof=data.draw(st.booleans()),
         early=data.draw(st.booleans()),
     )
@@ -760,33 +707,33 @@ def _script(
     """Sends `events`, reads `response` (if any) to its end, then, if the connection can be
     reused, starts the next cycle and sends `then`."""
     conn = factory(16384)
-    trace = _Trace()
-    _send(conn, trace, events)
+    trace = Trace()
+    send_events(conn, trace, events)
     if response:
         conn.receive_data(response)
         for _ in range(100):
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as e:
-                trace.add("error", _error(e), _states(conn))
+                trace.add("error", protocol_error(e), states(conn))
                 break
             if event is h11.NEED_DATA or event is h11.PAUSED:
-                trace.add(repr(event), _states(conn))
+                trace.add(repr(event), states(conn))
                 break
-            trace.add("event", _event(event), _states(conn))
+            trace.add("event", _event(event), states(conn))
             if isinstance(event, h11.EndOfMessage):
                 break
     trace.add(
-        "after-send", _states(conn), conn.trailing_data, conn.client_is_waiting_for_100_continue
+        "after-send", states(conn), conn.trailing_data, conn.client_is_waiting_for_100_continue
     )
     if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
         conn.start_next_cycle()
-        trace.add("next-cycle", _states(conn))
-        _send(conn, trace, then)
+        trace.add("next-cycle", states(conn))
+        send_events(conn, trace, then)
     else:
         with pytest.raises(h11.LocalProtocolError) as err:
             conn.start_next_cycle()
-        trace.add("no-next-cycle", _error(err.value))
+        trace.add("no-next-cycle", protocol_error(err.value))
     return trace.items
 
 
@@ -1036,11 +983,11 @@ def test_send_failed_and_states_agree() -> None:
         traces = []
         for factory in (_h11, _fast):
             conn = factory(16384)
-            trace = _Trace()
-            _send(conn, trace, events)
+            trace = Trace()
+            send_events(conn, trace, events)
             conn.send_failed()
-            trace.add("failed", conn.states, _states(conn))
-            _send(conn, trace, [h11.Data(data=b"x")])
-            _send(conn, trace, [None])
+            trace.add("failed", conn.states, states(conn))
+            send_events(conn, trace, [h11.Data(data=b"x")])
+            send_events(conn, trace, [None])
             traces.append(trace.items)
         assert traces[1] == traces[0]

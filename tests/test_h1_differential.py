@@ -16,11 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from itertools import pairwise
 from typing import Any
 
 import h11
 import pytest
+from differential_helpers import (
+    Trace,
+    bytewise,
+    mutated,
+    pieces,
+    send_events,
+    states,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -283,9 +290,6 @@ CORPUS: dict[str, bytes] = {**VALID, **EDGE}
 # -- the shared driver ----------------------------------------------------------------------
 
 
-def _states(conn: Any) -> tuple[str, str]:
-    return (repr(conn.our_state), repr(conn.their_state))
-
 
 def _response_events(method: bytes, status: int, mode: str) -> list[Any]:
     """One response as the mini server sends it; `mode` picks the framing it asks h11 for."""
@@ -302,29 +306,6 @@ def _response_events(method: bytes, status: int, mode: str) -> list[Any]:
     return [head, *body, h11.EndOfMessage()]
 
 
-class _Trace:
-    def __init__(self) -> None:
-        self.items: list[tuple[Any, ...]] = []
-
-    def add(self, *item: Any) -> None:
-        if item[0] == "data" and self.items and self.items[-1][0] == "data":
-            self.items[-1] = ("data", self.items[-1][1] + item[1])
-        else:
-            self.items.append(item)
-
-
-def _send(conn: Any, trace: _Trace, events: Sequence[Any]) -> bool:
-    """Sends events, recording bytes and states; False if one of them was refused."""
-    for event in events:
-        try:
-            out = conn.send(event)
-        except h11.LocalProtocolError as e:
-            trace.add("send-error", type(event).__name__, e.error_status_hint, _states(conn))
-            return False
-        trace.add("sent", type(event).__name__, out, _states(conn))
-    return True
-
-
 def _serve(
     factory: Factory,
     chunks: Sequence[bytes],
@@ -338,17 +319,17 @@ def _serve(
     """The mini server. `early`: answer as soon as the request head is in (as h1server does for
     errors and cache hits) and read the body afterwards, instead of answering after the body."""
     conn = factory(max_size)
-    trace = _Trace()
+    trace = Trace(merge_data=True)
     method = b""
 
     def respond() -> bool:
         status = 407 if method == b"CONNECT" else 200
-        return _send(conn, trace, _response_events(method, status, mode))
+        return send_events(conn, trace, _response_events(method, status, mode))
 
     def next_cycle() -> None:
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
-            trace.add("next-cycle", _states(conn))
+            trace.add("next-cycle", states(conn))
 
     def pump() -> bool:
         """Events until more data is needed (True) or the conversation cannot go on (False)."""
@@ -357,13 +338,13 @@ def _serve(
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as e:
-                trace.add("error", e.error_status_hint, str(e), _states(conn))
+                trace.add("error", e.error_status_hint, str(e), states(conn))
                 return False
             if event is h11.NEED_DATA:
-                trace.add("need-data", _states(conn))
+                trace.add("need-data", states(conn))
                 return True
             if event is h11.PAUSED:
-                trace.add("paused", _states(conn))
+                trace.add("paused", states(conn))
                 if conn.their_state is h11.DONE and conn.our_state is h11.SEND_RESPONSE:
                     if not respond():
                         return False
@@ -380,7 +361,7 @@ def _serve(
                     [(bytes(k), bytes(v)) for k, v in event.headers],
                     [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()],
                     conn.they_are_waiting_for_100_continue,
-                    _states(conn),
+                    states(conn),
                 )
                 if (
                     early
@@ -389,14 +370,14 @@ def _serve(
                 ):
                     if not respond():
                         return False
-                elif conn.they_are_waiting_for_100_continue and not _send(
+                elif conn.they_are_waiting_for_100_continue and not send_events(
                     conn, trace, [h11.InformationalResponse(status_code=100, headers=[])]
                 ):
                     return False
             elif isinstance(event, h11.Data):
                 trace.add("data", bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                trace.add("eom", [(bytes(k), bytes(v)) for k, v in event.headers], _states(conn))
+                trace.add("eom", [(bytes(k), bytes(v)) for k, v in event.headers], states(conn))
                 if conn.their_state is h11.MIGHT_SWITCH_PROTOCOL and accept_upgrade:
                     if method == b"CONNECT":
                         switch: Any = h11.Response(status_code=200, headers=[])
@@ -405,8 +386,8 @@ def _serve(
                             status_code=101,
                             headers=[(b"Upgrade", b"x"), (b"Connection", b"upgrade")],
                         )
-                    _send(conn, trace, [switch])
-                    trace.add("switched", conn.trailing_data, _states(conn))
+                    send_events(conn, trace, [switch])
+                    trace.add("switched", conn.trailing_data, states(conn))
                     return False
                 if (
                     conn.our_state is h11.SEND_RESPONSE
@@ -419,10 +400,10 @@ def _serve(
                     return False
                 next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
-                trace.add("closed", _states(conn))
+                trace.add("closed", states(conn))
                 if conn.our_state is h11.SEND_RESPONSE:
                     respond()
-                    trace.add("after-close", _states(conn))
+                    trace.add("after-close", states(conn))
                 return False
             else:  # pragma: no cover - neither implementation produces anything else
                 raise AssertionError(f"unexpected event {event!r}")
@@ -439,7 +420,7 @@ def _serve(
     else:
         if conn.their_state is h11.DONE and conn.our_state is h11.SEND_RESPONSE and respond():
             next_cycle()
-    trace.add("end", conn.trailing_data, _states(conn), conn.they_are_waiting_for_100_continue)
+    trace.add("end", conn.trailing_data, states(conn), conn.they_are_waiting_for_100_continue)
     return trace.items
 
 
@@ -448,10 +429,6 @@ def _assert_agree(chunks: Sequence[bytes], **kw: Any) -> list[tuple[Any, ...]]:
     got = _serve(_fast, chunks, **kw)
     assert got == expected, f"h11 and h1fast disagree on {b''.join(chunks)!r} ({kw})"
     return expected
-
-
-def _bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
 
 
 # -- the corpus ------------------------------------------------------------------------------
@@ -463,11 +440,11 @@ def test_corpus_agrees(name: str) -> None:
     for eof in (False, True):
         for max_size in (16384, 48):
             _assert_agree([data], eof=eof, max_size=max_size)
-            _assert_agree(_bytewise(data), eof=eof, max_size=max_size)
+            _assert_agree(bytewise(data), eof=eof, max_size=max_size)
     _assert_agree([data], mode="stream")
     _assert_agree([data], accept_upgrade=False)
     _assert_agree([data], early=True)
-    _assert_agree(_bytewise(data), early=True, mode="stream")
+    _assert_agree(bytewise(data), early=True, mode="stream")
 
 
 @pytest.mark.parametrize(
@@ -511,7 +488,7 @@ def test_corpus_verdicts_are_the_expected_ones() -> None:
     }
     assert {name: outcome(name) for name in expected} == expected
     # A head that is still incomplete when it outgrows the limit is a 431.
-    trace = _serve(_h11, _bytewise(CORPUS["get_browser"]), max_size=48)
+    trace = _serve(_h11, bytewise(CORPUS["get_browser"]), max_size=48)
     assert any(t[0] == "error" and t[1] == 431 for t in trace)
 
 
@@ -567,35 +544,6 @@ _NASTY = [
     b"Host: x\r\n",
     b"HTTP/1.1",
 ]
-
-
-@st.composite
-def _mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from(_SEEDS)))
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete", "dup", "case"]))
-        pos = draw(st.integers(0, len(data)))
-        if op == "flip" and pos < len(data):
-            data[pos] = draw(st.integers(0, 255))
-        elif op == "insert":
-            data[pos:pos] = draw(
-                st.one_of(st.sampled_from(_NASTY), st.binary(min_size=1, max_size=4))
-            )
-        elif op == "delete":
-            del data[pos : pos + draw(st.integers(1, 8))]
-        elif op == "dup":
-            end = min(len(data), pos + draw(st.integers(1, 40)))
-            data[end:end] = data[pos:end]
-        elif op == "case" and pos < len(data):
-            data[pos : pos + 8] = bytes(data[pos : pos + 8]).swapcase()
-    return bytes(data)
-
-
-@st.composite
-def _chunks(draw: st.DrawFn, data: bytes) -> list[bytes]:
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
-    edges = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in pairwise(edges) if b > a]
 
 
 _FIELD_NAMES = [
@@ -677,9 +625,9 @@ _settings = settings(max_examples=500, deadline=None, suppress_health_check=[Hea
 
 
 @_settings
-@given(data=st.data(), raw=_mutated())
+@given(data=st.data(), raw=mutated(_SEEDS, _NASTY))
 def test_mutated_requests_agree(data: st.DataObject, raw: bytes) -> None:
-    chunks = data.draw(_chunks(raw))
+    chunks = data.draw(pieces(raw))
     _assert_agree(
         chunks,
         eof=data.draw(st.booleans()),
@@ -694,7 +642,7 @@ def test_mutated_requests_agree(data: st.DataObject, raw: bytes) -> None:
 @given(data=st.data(), raw=_generated_request())
 def test_generated_requests_agree(data: st.DataObject, raw: bytes) -> None:
     _assert_agree(
-        data.draw(_chunks(raw)),
+        data.draw(pieces(raw)),
         eof=data.draw(st.booleans()),
         mode=data.draw(st.sampled_from(["length", "stream"])),
         early=data.draw(st.booleans()),
@@ -725,31 +673,31 @@ def _script(
     """Reads `request` (as far as its first message), sends `events`, then, if the connection
     can be reused, sends `after_cycle` and reads `then`."""
     conn = factory(16384)
-    trace = _Trace()
+    trace = Trace(merge_data=True)
     if request:  # b"" would mean EOF
         conn.receive_data(request)
     for _ in range(100):
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as e:
-            trace.add("error", e.error_status_hint, str(e), _states(conn))
+            trace.add("error", e.error_status_hint, str(e), states(conn))
             break
-        trace.add("event", type(event).__name__, _states(conn))
+        trace.add("event", type(event).__name__, states(conn))
         if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.EndOfMessage):
             break
-    _send(conn, trace, events)
+    send_events(conn, trace, events)
     trace.add(
-        "after-send", _states(conn), conn.trailing_data, conn.they_are_waiting_for_100_continue
+        "after-send", states(conn), conn.trailing_data, conn.they_are_waiting_for_100_continue
     )
     if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
         conn.start_next_cycle()
-        _send(conn, trace, after_cycle)
+        send_events(conn, trace, after_cycle)
         if then:
             conn.receive_data(then)
         try:
-            trace.add("next", repr(conn.next_event()), _states(conn))
+            trace.add("next", repr(conn.next_event()), states(conn))
         except h11.RemoteProtocolError as e:
-            trace.add("error", e.error_status_hint, str(e), _states(conn))
+            trace.add("error", e.error_status_hint, str(e), states(conn))
     else:
         with pytest.raises(h11.LocalProtocolError):
             conn.start_next_cycle()
