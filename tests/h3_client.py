@@ -311,11 +311,14 @@ async def connect_h3(
     *,
     stream_receive_window: int | None = None,
     idle_timeout: float = 30.0,
+    token: bytes = b"",
+    token_handler: Callable[[bytes], None] | None = None,
 ) -> AsyncIterator[H3Client]:
     """Connect, complete the handshake, yield the client; close it on exit.
 
     With `stream_receive_window` the client grants response credit only as `read()` consumes
-    data (a genuinely slow reader); without it, aioquic's usual auto-tuning applies.
+    data (a genuinely slow reader); without it, aioquic's usual auto-tuning applies. `token` is
+    an address-validation token for the Initial; `token_handler` gets NEW_TOKEN tokens.
     """
     configuration = QuicConfiguration(
         is_client=True,
@@ -323,11 +326,14 @@ async def connect_h3(
         server_name="localhost",
         idle_timeout=idle_timeout,
         verify_mode=0,  # ssl.CERT_NONE: self-signed test certificate
+        token=token,
     )
     if stream_receive_window is not None:
         configuration.max_stream_data = stream_receive_window
     quic = EdgeQuicConnection(
-        configuration=configuration, stream_receive_window=stream_receive_window
+        configuration=configuration,
+        stream_receive_window=stream_receive_window,
+        token_handler=token_handler,
     )
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(

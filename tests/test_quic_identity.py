@@ -39,7 +39,8 @@ KEYS = FleetKeys([FleetKey(3, b"s" * 32, 0)], 3)
 
 # sha256(inspect.getsource(...))[:16] in aioquic 1.7.2. When this test fails after an aioquic
 # upgrade, re-read each method against its use in edgeproxy/quic/dispatcher.py (CID rewrite in
-# EdgeQuicConnection.__init__, _replenish_connection_ids, _handle_stream_frame) and
+# EdgeQuicConnection.__init__, _replenish_connection_ids, _handle_stream_frame, the NEW_TOKEN
+# frame in _write_handshake_done_frame) and
 # edgeproxy/quic/tickets.py (ticket callbacks, 0-RTT acceptance), then update the hashes.
 PINNED_SOURCES = {
     # builds _host_cids[0] / host_cid / _local_initial_source_connection_id from os.urandom,
@@ -49,6 +50,11 @@ PINNED_SOURCES = {
     "QuicConnection._handle_stream_frame": "8c79348a854e307d",
     # sends each QuicConnectionId's cid and stateless_reset_token as is
     "QuicConnection._write_new_connection_id_frame": "8e58e506ea36e1d1",
+    # NEW_TOKEN rides with HANDSHAKE_DONE: written inside the application packet, and
+    # re-queued (so the override runs again) when the packet carrying it is lost
+    "QuicConnection._write_handshake_done_frame": "026757fd99458b35",
+    "QuicConnection._write_application": "c37bf64378f72b2f",
+    "QuicConnection._on_handshake_done_delivery": "e27dd96ad43da7aa",
     # reads _host_cids[0].stateless_reset_token and _local_initial_source_connection_id
     "QuicConnection._serialize_transport_parameters": "be651f3ddfcd3f39",
     # parses short headers with configuration.connection_id_length; ZERO_RTT receive context

@@ -26,7 +26,7 @@ from edgeproxy.quic.dispatcher import (
     Router,
     start_quic_server,
 )
-from edgeproxy.quic.fleet import FleetKey, FleetKeys
+from edgeproxy.quic.fleet import FleetKey, FleetKeys, TokenKind, token_kind
 from edgeproxy.quic.packet import QUIC_V1
 
 NOW = 1_700_000_000.0
@@ -140,6 +140,32 @@ async def test_client_completes_the_handshake_after_one_retry() -> None:
             assert make_identity((1, 0, 0)).owner_of(quic._retry_source_connection_id) == (1, 0, 0)
             assert not server.router.handshaking(protocol)
         assert datagram_counts(metrics)["retry"] == 1
+    finally:
+        await server.close()
+
+
+async def test_new_token_lets_the_next_connection_skip_the_retry_once() -> None:
+    metrics = Registry()
+    server = await _server(metrics, retry_above=0, node=(1, 0, 0), keys=fleet_keys())
+    try:
+        host, port = server.local_address
+        tokens: list[bytes] = []
+        async with connect_h3(host, port, token_handler=tokens.append) as client:
+            assert (await client.request(b"GET", b"/")).status == 200
+            for _ in range(100):
+                if tokens:
+                    break
+                await asyncio.sleep(0.01)
+        assert len(tokens) == 1 and token_kind(tokens[0]) is TokenKind.NEW_TOKEN
+        assert datagram_counts(metrics)["retry"] == 1 and server.new_tokens_sent == 1
+        # The next connection from this address presents it: validated, no Retry.
+        async with connect_h3(host, port, token=tokens[0]) as client:
+            assert (await client.request(b"GET", b"/")).status == 200
+        assert datagram_counts(metrics)["retry"] == 1
+        # The same token again: single use, so it counts as no token and a Retry follows.
+        async with connect_h3(host, port, token=tokens[0]) as client:
+            assert (await client.request(b"GET", b"/")).status == 200
+        assert datagram_counts(metrics)["retry"] == 2 and server.router.reused_tokens == 1
     finally:
         await server.close()
 

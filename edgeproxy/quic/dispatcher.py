@@ -42,8 +42,10 @@ Address validation (RFC 9000 section 8.1): an Initial that will be accepted is f
 for a token. A Retry token (sealed with the fleet key, so minted by any PoP) that opens for the
 client's address and the Initial's DCID validates the address, and the connection is created
 with the token's original DCID and Retry SCID (aioquic then sends the matching transport
-parameters); so does a NEW_TOKEN token that opens for the client's IP. An invalid token only
-means "not validated", never a drop. While `retry_above` or more handshakes are in progress on
+parameters); so does a NEW_TOKEN token that opens for the client's IP, the first time this PoP
+sees it (`Router.reused_tokens` counts the others). Every connection is given one such token
+in a NEW_TOKEN frame sent with HANDSHAKE_DONE, so a client that comes back skips the Retry. An
+invalid token only means "not validated", never a drop. While `retry_above` or more handshakes are in progress on
 this node, an unvalidated Initial gets a `Retry` (route ``retry``), which creates no state: a
 flood of spoofed Initials cannot cost handshakes. The Retry's SCID is a CID of this node.
 
@@ -84,10 +86,11 @@ from aioquic.quic.connection import (
     QuicConnection,
     QuicConnectionId,
     QuicReceiveContext,
+    QuicTokenHandler,
     stream_is_unidirectional,
 )
 from aioquic.quic.packet import QuicFrameType, QuicProtocolVersion, encode_quic_retry
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import SessionTicketFetcher, SessionTicketHandler
@@ -96,12 +99,16 @@ from gossip.flowtable import quic_initial_key
 
 from ..metrics import Registry
 from .fleet import (
+    CLOCK_SKEW,
     MIN_SECRET_LENGTH,
     MIN_STATELESS_RESET,
+    NEW_TOKEN_LIFETIME,
     RETRY_TOKEN_LIFETIME,
     FleetKey,
     FleetKeys,
     NewTokenContents,
+    ReplayFilter,
+    ReplayVerdict,
     RetryTokenContents,
     TokenKind,
     token_kind,
@@ -325,6 +332,11 @@ class Router(Generic[H]):
         self.tokens = tokens
         self.retry_above = retry_above
         self.retry_token_lifetime = retry_token_lifetime
+        # NEW_TOKEN tokens validate an address once (RFC 9000 section 8.1.3): at this PoP; see
+        # `fleet` for why fleet-wide single use is best effort.
+        self._new_token_ids = ReplayFilter(NEW_TOKEN_LIFETIME + CLOCK_SKEW)
+        #: NEW_TOKEN tokens presented again (treated as no token: the client may get a Retry).
+        self.reused_tokens = 0
         self._handshaking: set[H] = set()
         self.cid_length = identity.cid_length if identity is not None else cid_length
         self.max_connections = max_connections
@@ -536,10 +548,12 @@ class Router(Generic[H]):
             )
             if isinstance(opened, RetryTokenContents):
                 return True, opened.original_dcid, opened.retry_scid
-        elif kind is TokenKind.NEW_TOKEN and isinstance(
-            self.tokens.open_new_token(token, addr, wall_now), NewTokenContents
-        ):
-            return True, header.dcid, None
+        elif kind is TokenKind.NEW_TOKEN:
+            opened_new = self.tokens.open_new_token(token, addr, wall_now)
+            if isinstance(opened_new, NewTokenContents):
+                if self._new_token_ids.check_and_add(opened_new.token_id, wall_now) is ReplayVerdict.FRESH:
+                    return True, header.dcid, None
+                self.reused_tokens += 1
         return False, header.dcid, None
 
     def _route_by_cid(
@@ -632,9 +646,12 @@ class EdgeQuicConnection(QuicConnection):
         stream_receive_window: int | None = None,
         cid_source: Callable[[], bytes] | None = None,
         reset_token_for: Callable[[bytes], bytes] | None = None,
+        new_token_for: Callable[[NetworkAddress], bytes] | None = None,
+        token_handler: QuicTokenHandler | None = None,
     ) -> None:
         self._cid_source = None if configuration.is_client else cid_source
         self._reset_token_for = reset_token_for
+        self._new_token_for = None if configuration.is_client else new_token_for
         self._early_streams: set[int] = set()
         super().__init__(
             configuration=configuration,
@@ -642,6 +659,7 @@ class EdgeQuicConnection(QuicConnection):
             retry_source_connection_id=retry_source_connection_id,
             session_ticket_fetcher=session_ticket_fetcher,
             session_ticket_handler=session_ticket_handler,
+            token_handler=token_handler,
         )
         if self._cid_source is not None:
             cid = self._mint_cid()
@@ -681,6 +699,27 @@ class EdgeQuicConnection(QuicConnection):
         if self._reset_token_for is None:
             return os.urandom(16)
         return self._reset_token_for(cid)
+
+    def _write_handshake_done_frame(self, builder: QuicPacketBuilder) -> None:
+        # A NEW_TOKEN frame rides with HANDSHAKE_DONE: sent once the handshake is confirmed,
+        # and sent again (a fresh token) whenever that packet is lost, since aioquic then
+        # re-queues HANDSHAKE_DONE.
+        super()._write_handshake_done_frame(builder=builder)
+        if self._new_token_for is None or not self._network_paths:
+            return
+        try:
+            token = self._new_token_for(self._network_paths[0].addr)
+        except Exception:
+            log.exception("cannot mint a NEW_TOKEN token")
+            return
+        try:
+            buf = builder.start_frame(QuicFrameType.NEW_TOKEN, capacity=1 + 8 + len(token))
+        except QuicPacketBuilderStop:
+            return  # no room left in this packet: the token is an optimisation, skip it
+        buf.push_uint_var(len(token))
+        buf.push_bytes(token)
+        if self._quic_logger is not None and builder.quic_logger_frames is not None:
+            builder.quic_logger_frames.append(self._quic_logger.encode_new_token_frame(token=token))
 
     def _replenish_connection_ids(self) -> None:
         if self._cid_source is None:
@@ -950,6 +989,8 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         self.flows = flows
         self.flow_ttl = flow_ttl
         self.backhaul = backhaul
+        #: NEW_TOKEN tokens handed to clients.
+        self.new_tokens_sent = 0
         self.router: Router[EdgeConnectionProtocol] = Router(
             cid_length=cid_length,
             max_connections=max_connections,
@@ -1122,6 +1163,12 @@ class QuicDispatcher(asyncio.DatagramProtocol):
         self._transport.sendto(packet, addr)
         return action.route
 
+    def _new_token(self, addr: NetworkAddress) -> bytes:
+        """A NEW_TOKEN token for a client at `addr` (any PoP of the fleet opens it)."""
+        assert self.router.tokens is not None
+        self.new_tokens_sent += 1
+        return self.router.tokens.make_new_token(addr, now=time.time())
+
     def _server_configuration(self, base: QuicConfiguration) -> QuicConfiguration:
         # The dispatcher owns what routing depends on: server role, v1 only (the router answers
         # Version Negotiation for everything else; aioquic would otherwise upgrade clients to v2
@@ -1149,6 +1196,7 @@ class QuicDispatcher(asyncio.DatagramProtocol):
                 stream_receive_window=self._stream_receive_window,
                 cid_source=None if identity is None else identity.new_cid,
                 reset_token_for=None if identity is None else identity.reset_token,
+                new_token_for=self._new_token,
             )
             protocol = self._protocol_factory(connection)
         except Exception:

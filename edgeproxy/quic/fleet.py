@@ -51,8 +51,8 @@ between PoPs in both directions. The openers never raise on attacker input: they
 invalid token means "address not validated", not "drop the Initial".
 
 NEW_TOKEN tokens should be accepted only once (RFC 9000 section 8.1.3). Each carries a random
-16-byte id for a `ReplayFilter`; since the filter is per PoP, single use across the fleet is
-best-effort: a token can be used once at each PoP until filter state propagates. That only
+16-byte id, which the dispatcher's router checks against a `ReplayFilter`; since the filter is
+per PoP, single use across the fleet is best-effort: a token can be used once at each PoP until filter state propagates. That only
 saves a round trip for an address that already proved it could receive the token.
 
 0-RTT replay scope. Fleet-sealed tickets let any PoP resume a session and accept its 0-RTT data
