@@ -267,7 +267,11 @@ class Pipeline:
             return None
         now = self.clock()
         entry = policy.select(cache.get(policy.cache_key(head.scheme, head.authority, head.target)), head)
-        if entry is None or policy.evaluate(entry, head, now) is not policy.Freshness.FRESH:
+        if entry is None:
+            return None
+        # A plain request has neither Cache-Control nor Pragma: no directives to parse.
+        fresh = policy.evaluate_directives(entry, {}, now) if plain else policy.evaluate(entry, head, now)
+        if fresh is not policy.Freshness.FRESH:
             return None
         self.m_cache.inc("hit")
         if plain:

@@ -42,6 +42,7 @@ __all__ = [
     "conditional_headers",
     "current_age",
     "evaluate",
+    "evaluate_directives",
     "format_http_date",
     "invalidates",
     "invalidation_keys",
@@ -670,13 +671,15 @@ def evaluate(entry: CachedResponse, req: RequestHead, now: float) -> Freshness:
     max-stale grants nothing.
     """
     rcc = _request_cc(req)
-    result = _evaluate(entry, rcc, now)
+    result = evaluate_directives(entry, rcc, now)
     if result is Freshness.REVALIDATE and "only-if-cached" in rcc:
         return Freshness.ONLY_IF_CACHED_MISS
     return result
 
 
-def _evaluate(entry: CachedResponse, rcc: dict[str, str | None], now: float) -> Freshness:
+def evaluate_directives(entry: CachedResponse, rcc: dict[str, str | None], now: float) -> Freshness:
+    """`evaluate` given the request's parsed Cache-Control (`{}` for a request with neither
+    Cache-Control nor Pragma: the fast path knows that without parsing)."""
     if entry.no_cache or "no-cache" in rcc:
         return Freshness.REVALIDATE
     age = current_age(entry, now)

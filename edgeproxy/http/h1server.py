@@ -616,7 +616,7 @@ class H1Protocol(asyncio.Protocol):
 
     def _request_head(self, req: h11.Request, request_id: str) -> tuple[RequestHead, int | None]:
         """Validates framing (the smuggling defences) and builds the protocol-neutral head."""
-        headers = list(req.headers)  # lowercase names
+        headers = [(name, value) for _raw, name, value in req.headers._full_items]  # lowercase names (h11 private: see h1fast)
         # One pass over the fields for everything framing needs. h11 bounds only a head that
         # arrives in pieces; one that arrives whole is measured here.
         head_size = len(req.method) + len(req.target) + 12
