@@ -146,10 +146,7 @@ class Pop:
             log.error("fleet keys not reloaded, keeping key ids %s (primary %d): %s",
                       sorted(keys.keys), keys.primary.key_id, exc)
             return False
-        def material(k: FleetKeys) -> tuple[int, set[tuple[int, bytes]]]:
-            return k.primary.key_id, {(i, key.secret) for i, key in k.keys.items()}
-
-        if material(new) == material(keys):
+        if new.same_keys(keys):
             return False
         keys.replace(new)
         if self.identity is not None:

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, H3Connection
@@ -71,6 +71,9 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
         if sep:
             headers[name.strip().lower()] = value.strip()
     return int(parts[1]), headers
+
+
+_C = TypeVar("_C", bound="H1Conn | H3Conn")
 
 
 class H1Conn:
@@ -276,15 +279,9 @@ class Load:
         try:
             while self.running():
                 if conn is None:
-                    conn = make()
-                    try:
-                        await conn.open(a.timeout)
-                    except RequestError as e:
-                        self.acc.conn_error(c, time.time(), "connect", e.detail)
-                        conn = None
-                        await self._pause(RECONNECT_PAUSE * 5)
+                    conn = await self._open(c, make())
+                    if conn is None:
                         continue
-                    self.acc.handshake(c)
                     next_at = time.monotonic()
                 await self._pause(next_at - time.monotonic())
                 if not self.running() or not self.acc.may_start():
@@ -313,6 +310,18 @@ class Load:
             if conn is not None:
                 conn.close()
 
+    async def _open(self, c: Conn, conn: _C) -> _C | None:
+        """`conn` once connected (a handshake counted), or None after a counted failure and a
+        pause before the next attempt."""
+        try:
+            await conn.open(self.args.timeout)
+        except RequestError as e:
+            self.acc.conn_error(c, time.time(), "connect", e.detail)
+            await self._pause(RECONNECT_PAUSE * 5)
+            return None
+        self.acc.handshake(c)
+        return conn
+
     def _failed(self, c: Conn, ts: float, m: float, kind: str, detail: str) -> None:
         self.acc.request(c, ts, (time.perf_counter() - m) * 1000, 0, "", kind)
         self.acc.conn_error(c, time.time(), kind, detail)
@@ -325,15 +334,9 @@ class Load:
         try:
             while self.running():
                 if conn is None:
-                    conn = H1Conn(a.target, a.port)
-                    try:
-                        await conn.open(a.timeout)
-                    except RequestError as e:
-                        self.acc.conn_error(c, time.time(), "connect", e.detail)
-                        conn = None
-                        await self._pause(RECONNECT_PAUSE * 5)
+                    conn = await self._open(c, H1Conn(a.target, a.port))
+                    if conn is None:
                         continue
-                    self.acc.handshake(c)
                 if not self.acc.may_start():
                     break
                 ts, m = time.time(), time.monotonic()

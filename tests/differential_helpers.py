@@ -11,6 +11,31 @@ from typing import Any
 import h11
 from hypothesis import strategies as st
 
+#: Fragments both suites insert when mutating: framing bytes, delimiters, and the header lines
+#: that decide body framing.
+NASTY = [
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b" ",
+    b"\t",
+    b":",
+    b";",
+    b",",
+    b"\x00",
+    b"\x0b",
+    b"\x7f",
+    b"\xff",
+    b"0",
+    b"9",
+    b"f",
+    b"G",
+    b"chunked",
+    b"Content-Length: 1\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"\r\n\r\n",
+]
+
 
 def states(conn: Any) -> tuple[str, str]:
     return (repr(conn.our_state), repr(conn.their_state))

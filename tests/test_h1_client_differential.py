@@ -23,6 +23,7 @@ from typing import Any
 import h11
 import pytest
 from differential_helpers import (
+    NASTY,
     Trace,
     bytewise,
     mutated,
@@ -565,27 +566,8 @@ def test_huge_response_head_limits() -> None:
 
 _SEEDS = [VALID[name] for name in sorted(VALID)]
 _NASTY = [
-    b"\r",
-    b"\n",
-    b"\r\n",
-    b" ",
-    b"\t",
-    b":",
-    b";",
-    b",",
-    b"\x00",
-    b"\x0b",
-    b"\x7f",
-    b"\xff",
-    b"0",
-    b"9",
-    b"f",
-    b"G",
-    b"chunked",
-    b"Content-Length: 1\r\n",
-    b"Transfer-Encoding: chunked\r\n",
+    *NASTY,
     b"Connection: close\r\n",
-    b"\r\n\r\n",
     b"HTTP/1.1 ",
     b"HTTP/1.1 100 Continue\r\n\r\n",
     b"101",

@@ -21,6 +21,7 @@ from typing import Any
 import h11
 import pytest
 from differential_helpers import (
+    NASTY,
     Trace,
     bytewise,
     mutated,
@@ -520,30 +521,7 @@ def test_fast_path_taken_for_ordinary_heads() -> None:
 # -- generated inputs ------------------------------------------------------------------------
 
 _SEEDS = [VALID[name] for name in sorted(VALID)]
-_NASTY = [
-    b"\r",
-    b"\n",
-    b"\r\n",
-    b" ",
-    b"\t",
-    b":",
-    b";",
-    b",",
-    b"\x00",
-    b"\x0b",
-    b"\x7f",
-    b"\xff",
-    b"0",
-    b"9",
-    b"f",
-    b"G",
-    b"chunked",
-    b"Content-Length: 1\r\n",
-    b"Transfer-Encoding: chunked\r\n",
-    b"\r\n\r\n",
-    b"Host: x\r\n",
-    b"HTTP/1.1",
-]
+_NASTY = [*NASTY, b"Host: x\r\n", b"HTTP/1.1"]
 
 
 _FIELD_NAMES = [

@@ -539,6 +539,12 @@ class FleetKeys:
         self._keys[key_id] = key
         return key
 
+    def same_keys(self, other: FleetKeys) -> bool:
+        """The same secrets under the same ids, and the same primary."""
+        return self._primary.key_id == other._primary.key_id and {
+            i: k.secret for i, k in self._keys.items()
+        } == {i: k.secret for i, k in other._keys.items()}
+
     def replace(self, other: FleetKeys) -> None:
         """Take `other`'s keys and primary (a reloaded key file). Everything holding this
         object issues under the new primary and opens under the new set from now on."""
