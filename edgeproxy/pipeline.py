@@ -308,11 +308,11 @@ class Pipeline:
             await self._dispatch(head, body, ex)
         except HTTPError as e:
             await ex.error(e)
-        except BodyError as e:
-            ex.detail = f"aborted: {e}"
+        except BodyError as err:
+            ex.detail = f"aborted: {err}"
             sink.abort()
-        except (ConnectionError, OSError) as e:
-            ex.detail = f"client gone: {e}"
+        except (ConnectionError, OSError) as gone:
+            ex.detail = f"client gone: {gone}"
             sink.abort()
         finally:
             proto = protocol_of(head)
@@ -550,14 +550,14 @@ class Pipeline:
                 if self.cache.put(key, entry):
                     self._update_cache_gauges()
             flight.finish()
-        except BodyError as e:
-            flight.fail(e)
+        except BodyError as err:
+            flight.fail(err)
         except asyncio.CancelledError:
             flight.fail(BodyError("edge shutting down"))
             raise
-        except Exception as e:  # a bug must not leave waiters hanging
+        except Exception as exc:  # a bug must not leave waiters hanging
             log.exception("cache fill for %r failed", key)
-            flight.fail(HTTPError(502, f"cache fill failed: {e}"))
+            flight.fail(HTTPError(502, f"cache fill failed: {exc}"))
         finally:
             if resp is not None:
                 resp.close()

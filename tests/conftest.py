@@ -1,15 +1,29 @@
-"""Shared fixtures: the HTTP/1.1 front-end suites run once with each parser backend."""
+"""Shared fixtures: the HTTP/1.1 front-end suites run once with each parser backend. Also refuses
+to run against compiled modules (setup.py) older than their source."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pop_helpers
 import pytest
 import uvloop
 
 H1_SUITES = {"test_h1_server", "test_cache_pipeline", "test_tls"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A compiled module is imported in place of its source: an edit would go untested.
+    root = Path(__file__).resolve().parent.parent
+    stale = [
+        str(so.relative_to(root))
+        for so in (root / "edgeproxy").rglob("*.cpython-*.so")
+        if so.with_name(so.name.split(".", 1)[0] + ".py").stat().st_mtime > so.stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; rebuild with ./run setup", returncode=4)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -171,9 +171,9 @@ def _effects_of(req: h11.Request) -> _Effects:
     return chunked, content_length, close, expect_continue and req.http_version >= b"1.1", upgrade
 
 
-def _decode_trailer_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+def _decode_trailer_lines(lines: list[bytearray]) -> list[tuple[bytes, bytes]]:
     """Trailer fields as h11 reads them: obs-fold joined with one space, each field validated."""
-    unfolded: list[bytes] = []
+    unfolded: list[bytearray] = []
     for line in lines:
         match = _OBS_FOLD.match(line)
         if match:
@@ -187,7 +187,7 @@ def _decode_trailer_lines(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
         m = _HEADER_FIELD.fullmatch(line)
         if m is None:
             raise _LocalError(f"illegal header line: {line!r}")
-        fields.append((m[1], m[2]))
+        fields.append((bytes(m[1]), bytes(m[2])))
     return fields
 
 
@@ -452,7 +452,7 @@ class _H11Cycle:
                 return None
             if not lines:
                 return _EMPTY_EOM
-            return _EndOfMessage(headers=_decode_trailer_lines(lines))  # type: ignore[arg-type]
+            return _EndOfMessage(headers=_decode_trailer_lines(lines))
         if self._chunk_discard:
             expected = self._chunk_discard
             got = buf[: len(expected)]

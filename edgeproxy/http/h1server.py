@@ -26,7 +26,7 @@ from ..config import LimitsSection
 from ..metrics import Registry
 from .errors import reason
 from .handler import RequestHandler
-from .messages import BodyError, HTTPError, RequestHead, ResponseHead, header_all
+from .messages import BodyError, HTTPError, RequestHead, ResponseHead, event_data, header_all
 
 log = logging.getLogger("edgeproxy.h1")
 
@@ -78,7 +78,7 @@ def codec_factory(parser: str) -> Callable[[int], Codec]:
 class Tunnel(Protocol):
     """The origin side of an upgraded connection (origin.client.OriginTunnel)."""
 
-    async def read(self, max_bytes: int = ...) -> bytes: ...
+    async def read(self, max_bytes: int = 65536) -> bytes: ...
 
     async def write(self, data: bytes) -> None: ...
 
@@ -127,11 +127,12 @@ class _H1Body:
                 await conn.wait_for_data(conn.limits.body_timeout, "request body")
                 continue
             if isinstance(event, h11.Data):
-                self.received += len(event.data)
+                data = event_data(event)
+                self.received += len(data)
                 if self.received > self._limit:
                     conn.must_close = True
                     raise HTTPError(413, f"request body larger than {self._limit} bytes", close=True)
-                return bytes(event.data)
+                return bytes(data)
             if isinstance(event, h11.EndOfMessage):
                 self.done = True
                 return b""
@@ -517,8 +518,8 @@ class H1Protocol(asyncio.Protocol):
                 self._waiting_for_head = False
                 request_id = self.handler.new_request_id()
                 head, length = self._request_head(event, request_id)
-            except h11.RemoteProtocolError as e:
-                self._reject(HTTPError(e.error_status_hint, _protocol_error_detail(e), close=True), None, request_id or self.handler.new_request_id())
+            except h11.RemoteProtocolError as pe:
+                self._reject(HTTPError(pe.error_status_hint, _protocol_error_detail(pe), close=True), None, request_id or self.handler.new_request_id())
                 return
             except HTTPError as e:
                 self._reject(e, None, request_id or self.handler.new_request_id())
@@ -605,7 +606,7 @@ class H1Protocol(asyncio.Protocol):
                     if event is h11.NEED_DATA:
                         await self.wait_for_data(DRAIN_TIMEOUT, "request body")
                     elif isinstance(event, h11.Data):
-                        drained += len(event.data)
+                        drained += len(event_data(event))
                         if drained > DRAIN_LIMIT:
                             return False
                     elif not isinstance(event, h11.EndOfMessage):

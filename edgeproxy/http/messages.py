@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 Headers = list[tuple[bytes, bytes]]
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def event_data(event: Any) -> bytes | bytearray:
+    """`h11.Data.data`. h11 declares bytes but hands out bytearray; compiled modules (setup.py)
+    check declared types when they read an attribute, so they read it through here."""
+    data: bytes | bytearray = event.data
+    return data
 
 
 def header_get(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:

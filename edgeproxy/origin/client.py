@@ -48,6 +48,7 @@ from edgeproxy.http.messages import (
     HTTPError,
     RequestHead,
     ResponseHead,
+    event_data,
     header_get,
     header_list,
 )
@@ -358,6 +359,7 @@ class OriginConnection:
         self._timer_at = 0.0  # the deadline `_timer` was set for (TimerHandle.when() rounds)
         self._deadline: float | None = None
         self._timed_out = False
+        self.socket_waits = 0  # times a read or write had to wait for the socket
 
     @classmethod
     async def connect(
@@ -414,6 +416,7 @@ class OriginConnection:
         """
         self._deadline = deadline
         self._timed_out = False
+        self.socket_waits += 1
         timer = self._timer
         if timer is None or self._timer_at > deadline:
             if timer is not None:
@@ -682,8 +685,9 @@ class OriginConnection:
                 continue
             etype = type(ev)
             if etype is h11.Data:
-                if ev.data:
-                    return bytes(ev.data)
+                data = event_data(ev)
+                if data:
+                    return bytes(data)
                 continue
             if etype is h11.EndOfMessage:
                 self._finish_cycle()
@@ -696,7 +700,7 @@ class OriginConnection:
         while skipped <= limit:
             ev = self._pump_nowait()
             if isinstance(ev, h11.Data):
-                skipped += len(ev.data)
+                skipped += len(event_data(ev))
                 continue
             if isinstance(ev, h11.EndOfMessage):
                 self._finish_cycle()
