@@ -390,6 +390,19 @@ class H1Protocol(asyncio.Protocol):
             self._flush()
         self.transport.write(data)
 
+    def _queue(self, data: bytes) -> None:
+        """Queues a small write to leave with the others of this event-loop tick: one send(2)
+        per connection per tick, and the server sends every connection's at the end of the
+        tick (`H1Server.flush_corked`), back to back, so a client woken by the first need not
+        be woken again for each of the others."""
+        self._cork.append(data)
+        self._cork_size += len(data)
+        if self._cork_size >= CORK_LIMIT:
+            self._flush()
+        elif not self._corked:
+            self._corked = True
+            self.server.defer_flush(self)
+
     def _flush(self) -> None:
         data = b"".join(self._cork)
         self._cork.clear()
@@ -409,13 +422,7 @@ class H1Protocol(asyncio.Protocol):
         if len(data) >= CORK_LIMIT:
             self._write(data)
         else:
-            self._cork.append(data)
-            self._cork_size += len(data)
-            if self._cork_size >= CORK_LIMIT:
-                self._flush()
-            elif not self._corked:
-                self._corked = True
-                self.loop.call_soon(self._flush)
+            self._queue(data)
         if self._write_paused:
             self._drain_waiter = self.loop.create_future()
             try:
@@ -535,7 +542,7 @@ class H1Protocol(asyncio.Protocol):
                     out = self.response_bytes(fast.head, fast.extra)
                     if fast.body:
                         out += self.codec.send(h11.Data(data=fast.body)) or b""
-                    self._write(out + (self.codec.send(h11.EndOfMessage()) or b""))
+                    self._queue(out + (self.codec.send(h11.EndOfMessage()) or b""))
                     if not self._next_cycle():
                         return
                     continue
@@ -729,6 +736,7 @@ class H1Server:
         self.connection_observer: ConnectionObserver | None = connection_observer
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._corked: list[H1Protocol] = []  # connections with writes queued this tick
         # Deadline checks run this often: a tenth of the shortest timeout, within [10 ms, 1 s].
         self.sweep_interval = min(1.0, max(0.01, min(limits.header_timeout, limits.idle_timeout) / 10))
         self.conn_open = metrics.gauge("edgeproxy_connections_open", "Open client connections.", ["protocol"])
@@ -738,6 +746,17 @@ class H1Server:
         # Bound once: these are bumped for every read and write.
         self.bytes_in = _Bound(bytes_total, (self.protocol, "in"))
         self.bytes_out = _Bound(bytes_total, (self.protocol, "out"))
+
+    def defer_flush(self, conn: H1Protocol) -> None:
+        if not self._corked:
+            conn.loop.call_soon(self.flush_corked)
+        self._corked.append(conn)
+
+    def flush_corked(self) -> None:
+        corked, self._corked = self._corked, []
+        for conn in corked:
+            if conn._corked:
+                conn._flush()
 
     async def listen(
         self,
