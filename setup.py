@@ -30,8 +30,10 @@ COMPILED = [
     "edgeproxy/metrics.py",
     "edgeproxy/origin/client.py",
     "edgeproxy/origin/group.py",
+    "edgeproxy/origin/health.py",
     "edgeproxy/origin/pool.py",
     "edgeproxy/pipeline.py",
+    "edgeproxy/tick.py",
 ]
 
 

@@ -22,6 +22,7 @@ from edgeproxy.origin.client import (
     OriginTimeout,
     codec_factory,
 )
+from edgeproxy.tick import TickFlusher
 
 
 @pytest.fixture(params=["httptools", "h11"])
@@ -183,6 +184,26 @@ async def test_bodiless_request_is_one_write(conn: OriginConnection, srv: Origin
     assert (await _get(conn, b"/echo", method=b"POST"))[0] == 200
     assert writes == [b"POST /echo HTTP/1.1\r\nhost: origin.test\r\ncontent-length: 0\r\n\r\n"]
     assert srv.connections == 1
+
+
+async def test_with_a_flusher_bodiless_requests_leave_at_the_end_of_the_tick(srv: OriginServer, codec: str) -> None:
+    """Two connections (of one pool, sharing its flusher) start requests in one tick: nothing is
+    written until the tick ends, then each request leaves in one write and is answered."""
+    flusher = TickFlusher(asyncio.get_running_loop())
+    conns = [await OriginConnection.connect("127.0.0.1", srv.port, timeout=1, codec=codec, flusher=flusher) for _ in range(2)]
+    try:
+        writes = [_spy_writes(c) for c in conns]
+        tasks = [asyncio.ensure_future(_get(c, b"/t%d" % i)) for i, c in enumerate(conns)]
+        await asyncio.sleep(0)  # both tasks run up to their wait for the response head
+        assert writes == [[], []]
+        assert all(c._proto._outbox for c in conns)  # queued for the end of the tick
+        await asyncio.sleep(0)
+        assert [len(w) for w in writes] == [1, 1]
+        assert writes[0] == [b"GET /t0 HTTP/1.1\r\nhost: origin.test\r\n\r\n"]
+        assert await asyncio.gather(*tasks) == [(200, b"hello /t0"), (200, b"hello /t1")]
+    finally:
+        for c in conns:
+            c.close()
 
 
 async def test_request_with_body_writes_head_then_chunks(conn: OriginConnection) -> None:

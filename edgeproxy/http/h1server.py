@@ -24,6 +24,7 @@ import h11
 
 from ..config import LimitsSection
 from ..metrics import Registry
+from ..tick import TickFlusher
 from .errors import reason
 from .handler import RequestHandler
 from .messages import BodyError, HTTPError, RequestHead, ResponseHead, event_data, header_all
@@ -393,7 +394,7 @@ class H1Protocol(asyncio.Protocol):
     def _queue(self, data: bytes) -> None:
         """Queues a small write to leave with the others of this event-loop tick: one send(2)
         per connection per tick, and the server sends every connection's at the end of the
-        tick (`H1Server.flush_corked`), back to back, so a client woken by the first need not
+        tick (`tick.TickFlusher`), back to back, so a client woken by the first need not
         be woken again for each of the others."""
         self._cork.append(data)
         self._cork_size += len(data)
@@ -401,7 +402,11 @@ class H1Protocol(asyncio.Protocol):
             self._flush()
         elif not self._corked:
             self._corked = True
-            self.server.defer_flush(self)
+            self.server.flusher(self.loop).add(self)
+
+    def flush_tick(self) -> None:
+        if self._corked:
+            self._flush()
 
     def _flush(self) -> None:
         data = b"".join(self._cork)
@@ -605,22 +610,34 @@ class H1Protocol(asyncio.Protocol):
             return False
         if body.length is not None and body.length - body.received > DRAIN_LIMIT:
             return False
-        drained = 0
         try:
-            async with asyncio.timeout(DRAIN_TIMEOUT):
-                while self.codec.their_state is h11.SEND_BODY:
-                    event = self.codec.next_event()
-                    if event is h11.NEED_DATA:
+            drained = self._discard_buffered(0)
+            if drained >= 0 and self.codec.their_state is h11.SEND_BODY:
+                # The rest is still on its way (usually it is not: a bodiless request's end is
+                # already buffered, and takes no timer).
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    while drained >= 0 and self.codec.their_state is h11.SEND_BODY:
                         await self.wait_for_data(DRAIN_TIMEOUT, "request body")
-                    elif isinstance(event, h11.Data):
-                        drained += len(event_data(event))
-                        if drained > DRAIN_LIMIT:
-                            return False
-                    elif not isinstance(event, h11.EndOfMessage):
-                        return False
+                        drained = self._discard_buffered(drained)
         except (TimeoutError, h11.RemoteProtocolError, HTTPError, BodyError):
             return False
-        return self.codec.their_state is h11.DONE
+        return drained >= 0 and self.codec.their_state is h11.DONE
+
+    def _discard_buffered(self, drained: int) -> int:
+        """Discards the request body received so far: the running total of discarded bytes, or
+        -1 when the connection cannot be kept (more than DRAIN_LIMIT, or not a body)."""
+        codec = self.codec
+        while codec.their_state is h11.SEND_BODY:
+            event = codec.next_event()
+            if event is h11.NEED_DATA:
+                break
+            if isinstance(event, h11.Data):
+                drained += len(event_data(event))
+                if drained > DRAIN_LIMIT:
+                    return -1
+            elif not isinstance(event, h11.EndOfMessage):
+                return -1
+        return drained
 
     def _request_head(self, req: h11.Request, request_id: str) -> tuple[RequestHead, int | None]:
         """Validates framing (the smuggling defences) and builds the protocol-neutral head."""
@@ -736,7 +753,7 @@ class H1Server:
         self.connection_observer: ConnectionObserver | None = connection_observer
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._corked: list[H1Protocol] = []  # connections with writes queued this tick
+        self._flusher: TickFlusher | None = None  # made on the first write, on the serving loop
         # Deadline checks run this often: a tenth of the shortest timeout, within [10 ms, 1 s].
         self.sweep_interval = min(1.0, max(0.01, min(limits.header_timeout, limits.idle_timeout) / 10))
         self.conn_open = metrics.gauge("edgeproxy_connections_open", "Open client connections.", ["protocol"])
@@ -747,16 +764,10 @@ class H1Server:
         self.bytes_in = _Bound(bytes_total, (self.protocol, "in"))
         self.bytes_out = _Bound(bytes_total, (self.protocol, "out"))
 
-    def defer_flush(self, conn: H1Protocol) -> None:
-        if not self._corked:
-            conn.loop.call_soon(self.flush_corked)
-        self._corked.append(conn)
-
-    def flush_corked(self) -> None:
-        corked, self._corked = self._corked, []
-        for conn in corked:
-            if conn._corked:
-                conn._flush()
+    def flusher(self, loop: asyncio.AbstractEventLoop) -> TickFlusher:
+        if self._flusher is None or self._flusher.loop is not loop:
+            self._flusher = TickFlusher(loop)
+        return self._flusher
 
     async def listen(
         self,

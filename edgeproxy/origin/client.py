@@ -52,6 +52,7 @@ from edgeproxy.http.messages import (
     header_get,
     header_list,
 )
+from edgeproxy.tick import TickFlusher
 
 MAX_HEAD_BYTES = 64 * 1024
 """Largest response head accepted (h11's default of 16 KiB is too small for cookie-heavy origins)."""
@@ -224,6 +225,9 @@ class _OriginProtocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_event: Callable[[], None] | None = None
         """Called on data, EOF or loss; the pool uses it to notice idle connections going bad."""
+        # Set by the pool: small writes then leave at the end of the tick with the others.
+        self.flusher: TickFlusher | None = None
+        self._outbox: list[bytes] = []
 
     # asyncio callbacks
 
@@ -320,11 +324,35 @@ class _OriginProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or self.lost or t.is_closing():
             return False
+        if self._outbox:
+            self.flush_tick()
         t.write(data)
         return True
 
+    def write_soon(self, data: bytes) -> bool:
+        """`write`, but with a flusher the bytes leave at the end of this tick."""
+        if self.flusher is None:
+            return self.write(data)
+        t = self.transport
+        if t is None or self.lost or t.is_closing():
+            return False
+        if not self._outbox:
+            self.flusher.add(self)
+        self._outbox.append(data)
+        return True
+
+    def flush_tick(self) -> None:
+        if not self._outbox:
+            return
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        t = self.transport
+        if t is not None and not self.lost and not t.is_closing():
+            t.write(data)
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.flush_tick()
             self.transport.close()
 
 
@@ -370,6 +398,7 @@ class OriginConnection:
         timeout: float,
         server: str | None = None,
         codec: str | None = None,
+        flusher: TickFlusher | None = None,
     ) -> OriginConnection:
         label = server or f"{host}:{port}"
         codec_factory(codec or DEFAULT_CODEC)  # an unknown name fails before connecting
@@ -383,6 +412,7 @@ class OriginConnection:
             # asyncio replaces strerror with "Connect call failed (addr)"; the errno text is clearer.
             why = os.strerror(e.errno) if e.errno else str(e)
             raise OriginConnectError(f"connect to {label} failed: {why}") from None
+        proto.flusher = flusher
         return cls(proto, label, codec=codec)
 
     # -- parser seam: every codec call on the wire path goes through these three ---------------
@@ -560,7 +590,7 @@ class OriginConnection:
         if body_length == 0:
             # The whole request in one write (one send() system call, one TCP segment).
             data += self._encode(_EOM)
-            if not self._proto.write(data):
+            if not self._proto.write_soon(data):
                 raise self._reset_error()
             return
         if not self._proto.write(data):
