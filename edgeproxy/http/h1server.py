@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import h11
+from h11._headers import Headers as H11Headers  # private, as in h1fast (h11 is pinned)
 
 from ..config import LimitsSection
 from ..metrics import Registry
@@ -30,6 +31,7 @@ from .handler import RequestHandler
 from .messages import BodyError, HTTPError, RequestHead, ResponseHead, event_data, header_all
 
 log = logging.getLogger("edgeproxy.h1")
+_setattr = object.__setattr__
 
 READ_CHUNK = 65536
 # Unread request body the server will still read and discard to keep a connection alive (e.g.
@@ -483,7 +485,7 @@ class H1Protocol(asyncio.Protocol):
             return h11.InformationalResponse(status_code=101, headers=headers, reason=head.reason or b"Switching Protocols", _parsed=True)
         if self.must_close:
             headers.append((b"connection", b"close"))
-        return h11.Response(status_code=head.status, headers=headers, reason=head.reason or reason(head.status), _parsed=True)
+        return _response(head.status, headers, head.reason or reason(head.status))
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -717,6 +719,29 @@ class H1Protocol(asyncio.Protocol):
             lines.append(body)
         self._write(b"".join(lines))
         self.transport.close()
+
+
+def _response(status: int, headers: list[tuple[bytes, bytes]], reason: bytes) -> h11.Response:
+    """`h11.Response(..., _parsed=True)`, built without running h11's constructor (interpreted,
+    a tenth of a proxied response's cost). What that constructor would still do here is done the
+    same way: names lowercased (raw names kept), Transfer-Encoding left out by the caller. A head
+    it would refuse or rewrite (a status out of range, a repeated or listed Content-Length) goes
+    to h11."""
+    items: list[tuple[bytes, bytes, bytes]] = []
+    lengths = 0
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            lengths += 1 if value.isdigit() else 2  # h11 would trim or merge a listed value
+        items.append((name, lower, value))
+    if lengths > 1 or not 200 <= status < 1000:
+        return h11.Response(status_code=status, headers=headers, reason=reason, _parsed=True)
+    event = object.__new__(h11.Response)
+    _setattr(event, "headers", H11Headers(items))
+    _setattr(event, "status_code", status)
+    _setattr(event, "reason", reason)
+    _setattr(event, "http_version", b"1.1")
+    return event
 
 
 def _protocol_error_detail(e: h11.RemoteProtocolError) -> str:
