@@ -63,8 +63,16 @@ def test_connections_survive_flaps_and_a_drain(tmp_path: Path) -> None:
 
 
 def test_without_survival_flaps_lose_connections(tmp_path: Path) -> None:
-    r, report, out = demo(tmp_path, "--no-survival", "--no-drain", "--duration", "15", "--h3", "2", "--h1", "2",
-                          "--streams", "0", timeout=120)
+    # Losses can only show where TCP requests crossed the flaps. Once in about a dozen runs the
+    # TCP load stopped at the first flap without an error or a timeout (4 requests near flaps
+    # instead of 100+; not explained yet), which proves nothing either way: such a run is
+    # repeated once, and the verdict is the repeat's.
+    for attempt in range(2):
+        r, report, out = demo(tmp_path / f"run{attempt}", "--no-survival", "--no-drain", "--duration", "15",
+                              "--h3", "2", "--h1", "2", "--streams", "0", timeout=120)
+        if report["tcp"]["requests_after_flap"] >= 20:
+            break
+        print(f"baseline run {attempt}: only {report['tcp']['requests_after_flap']} TCP requests near flaps\n{out}")
     assert report["run"]["baseline"] is True, out
     assert report["flaps"]["count"] >= 3, out
     lost = {p: report[p]["connections"] - report[p]["survived"] for p in ("quic", "tcp")}
