@@ -33,6 +33,7 @@ from typing import Any
 
 import uvloop
 
+import edgeproxy.timeout_backport  # noqa: F401  (asyncio fix for Python 3.11.0-3.11.2)
 from gossip.agent import GossipAgent, event_record, parse_hostport
 from gossip.keyring import Keyring
 from gossip.swim import Config, MemberEvent
