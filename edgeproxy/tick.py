@@ -21,16 +21,21 @@ class Flushable(Protocol):
 
 
 class TickFlusher:
-    """Calls `flush_tick()` of everything added during a tick, once, when the tick ends."""
+    """Calls `flush_tick()` of everything added during a tick, once, when the tick ends (on the
+    running loop; one flusher may serve several loops one after another, as tests do)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self._pending: list[Flushable] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the pending flush runs
 
     def add(self, item: Flushable) -> None:
         """Adds `item` for this tick (the caller adds an item at most once per tick)."""
-        if not self._pending:
-            self.loop.call_soon(self._run)
+        loop = asyncio.get_running_loop()
+        if not self._pending or loop is not self._loop:
+            # A loop that stopped with a flush pending never runs it: start afresh here.
+            self._pending = []
+            self._loop = loop
+            loop.call_soon(self._run)
         self._pending.append(item)
 
     def _run(self) -> None:

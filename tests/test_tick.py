@@ -24,7 +24,7 @@ class _Item:
 
 
 async def test_items_of_one_tick_flush_together_at_its_end() -> None:
-    flusher = TickFlusher(asyncio.get_running_loop())
+    flusher = TickFlusher()
     log: list[str] = []
     flusher.add(_Item(log, "a"))
     flusher.add(_Item(log, "b"))
@@ -37,7 +37,7 @@ async def test_items_of_one_tick_flush_together_at_its_end() -> None:
 
 
 async def test_a_failing_flush_does_not_hold_back_the_others(caplog: pytest.LogCaptureFixture) -> None:
-    flusher = TickFlusher(asyncio.get_running_loop())
+    flusher = TickFlusher()
     log: list[str] = []
     flusher.add(_Item(log, "bad", fail=True))
     flusher.add(_Item(log, "good"))

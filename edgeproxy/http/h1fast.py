@@ -129,6 +129,23 @@ _W_HTTP10 = 2
 _EMPTY_EOM = _EndOfMessage()
 
 
+def prevalidated_response(
+    items: list[tuple[bytes, bytes, bytes]], status: int, reason: bytes, version: bytes = b"1.1"
+) -> h11.Response | h11.InformationalResponse:
+    """An h11 (Informational)Response whose fields were already checked and normalised the way
+    h11's constructor would (`items`: raw name, lowercase name, value), built without running
+    that constructor (interpreted Python, and the larger part of building one)."""
+    cls: type[h11.Response] | type[h11.InformationalResponse] = (
+        _Informational if status < 200 else _Response
+    )
+    event = object.__new__(cls)
+    _setattr(event, "headers", Headers(items))
+    _setattr(event, "http_version", version)
+    _setattr(event, "reason", reason)
+    _setattr(event, "status_code", status)
+    return event
+
+
 def _comma_values(value: bytes) -> list[bytes]:
     """h11's get_comma_header for one field value: lowercased, split on commas, stripped."""
     return [v for v in (p.strip() for p in value.lower().split(b",")) if v]

@@ -60,7 +60,6 @@ from typing import Any
 
 import h11
 import httptools
-from h11._headers import Headers  # private: see "Known differences" above
 from h11._readers import maybe_read_from_SEND_RESPONSE_server as _h11_read_response_head
 from h11._receivebuffer import ReceiveBuffer
 
@@ -85,14 +84,13 @@ from .h1fast import (  # the shared h11 cycle, short names for h11's states and 
     _EndOfMessage,
     _H11Cycle,
     _HeaderSink,
-    _Informational,
     _LocalError,
     _RemoteError,
     _Request,
     _Response,
-    _setattr,
     _State,
     _write_fields,
+    prevalidated_response,
     probe_llhttp,
 )
 
@@ -353,14 +351,7 @@ class FastClientConnection(_H11Cycle):
                 close = close or (b"close" in value.lower() and b"close" in _comma_values(value))
             # Host, Expect, Upgrade mean nothing in a response.
         # Everything h11's constructor would validate has been checked, so build it directly.
-        cls: type[h11.Response] | type[h11.InformationalResponse] = (
-            _Informational if status < 200 else _Response
-        )
-        event = object.__new__(cls)
-        _setattr(event, "headers", Headers(items))
-        _setattr(event, "http_version", version)
-        _setattr(event, "reason", reason or b"")
-        _setattr(event, "status_code", status)
+        event = prevalidated_response(items, status, reason or b"", version)
         return event, chunked, content_length, close
 
     def _head_received(

@@ -21,17 +21,16 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import h11
-from h11._headers import Headers as H11Headers  # private, as in h1fast (h11 is pinned)
 
 from ..config import LimitsSection
 from ..metrics import Registry
 from ..tick import TickFlusher
 from .errors import reason
+from .h1fast import prevalidated_response
 from .handler import RequestHandler
 from .messages import BodyError, HTTPError, RequestHead, ResponseHead, event_data, header_all
 
 log = logging.getLogger("edgeproxy.h1")
-_setattr = object.__setattr__
 
 READ_CHUNK = 65536
 # Unread request body the server will still read and discard to keep a connection alive (e.g.
@@ -404,7 +403,7 @@ class H1Protocol(asyncio.Protocol):
             self._flush()
         elif not self._corked:
             self._corked = True
-            self.server.flusher(self.loop).add(self)
+            self.server.flusher.add(self)
 
     def flush_tick(self) -> None:
         if self._corked:
@@ -721,12 +720,11 @@ class H1Protocol(asyncio.Protocol):
         self.transport.close()
 
 
-def _response(status: int, headers: list[tuple[bytes, bytes]], reason: bytes) -> h11.Response:
-    """`h11.Response(..., _parsed=True)`, built without running h11's constructor (interpreted,
-    a tenth of a proxied response's cost). What that constructor would still do here is done the
-    same way: names lowercased (raw names kept), Transfer-Encoding left out by the caller. A head
-    it would refuse or rewrite (a status out of range, a repeated or listed Content-Length) goes
-    to h11."""
+def _response(status: int, headers: list[tuple[bytes, bytes]], reason: bytes) -> Any:
+    """`h11.Response(..., _parsed=True)`, built without running h11's constructor (a tenth of a
+    proxied response's cost). What that constructor would still do here is done the same way:
+    names lowercased (raw names kept), Transfer-Encoding left out by the caller. A head it would
+    refuse or rewrite (a status out of range, a repeated or listed Content-Length) goes to h11."""
     items: list[tuple[bytes, bytes, bytes]] = []
     lengths = 0
     for name, value in headers:
@@ -736,12 +734,7 @@ def _response(status: int, headers: list[tuple[bytes, bytes]], reason: bytes) ->
         items.append((name, lower, value))
     if lengths > 1 or not 200 <= status < 1000:
         return h11.Response(status_code=status, headers=headers, reason=reason, _parsed=True)
-    event = object.__new__(h11.Response)
-    _setattr(event, "headers", H11Headers(items))
-    _setattr(event, "status_code", status)
-    _setattr(event, "reason", reason)
-    _setattr(event, "http_version", b"1.1")
-    return event
+    return prevalidated_response(items, status, reason)
 
 
 def _protocol_error_detail(e: h11.RemoteProtocolError) -> str:
@@ -778,7 +771,7 @@ class H1Server:
         self.connection_observer: ConnectionObserver | None = connection_observer
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._flusher: TickFlusher | None = None  # made on the first write, on the serving loop
+        self.flusher = TickFlusher()  # small writes of a tick leave together at its end
         # Deadline checks run this often: a tenth of the shortest timeout, within [10 ms, 1 s].
         self.sweep_interval = min(1.0, max(0.01, min(limits.header_timeout, limits.idle_timeout) / 10))
         self.conn_open = metrics.gauge("edgeproxy_connections_open", "Open client connections.", ["protocol"])
@@ -788,11 +781,6 @@ class H1Server:
         # Bound once: these are bumped for every read and write.
         self.bytes_in = _Bound(bytes_total, (self.protocol, "in"))
         self.bytes_out = _Bound(bytes_total, (self.protocol, "out"))
-
-    def flusher(self, loop: asyncio.AbstractEventLoop) -> TickFlusher:
-        if self._flusher is None or self._flusher.loop is not loop:
-            self._flusher = TickFlusher(loop)
-        return self._flusher
 
     async def listen(
         self,

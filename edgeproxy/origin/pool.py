@@ -59,7 +59,7 @@ class OriginPool:
         self._busy: set[OriginConnection] = set()
         self._open = 0  # busy + idle + slots reserved for connects in progress
         self._waiters: collections.deque[asyncio.Future[object]] = collections.deque()
-        self._tick: TickFlusher | None = None  # bodiless requests leave at the end of the tick
+        self._flusher = TickFlusher()  # bodiless requests leave together at the end of the tick
         self._reaper: asyncio.TimerHandle | None = None
         self._closed = False
         self.connects = 0
@@ -184,11 +184,6 @@ class OriginPool:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _flusher(self, loop: asyncio.AbstractEventLoop) -> TickFlusher:
-        if self._tick is None or self._tick.loop is not loop:
-            self._tick = TickFlusher(loop)
-        return self._tick
-
     async def _connect(self, deadline: float) -> OriginConnection:
         """Open a connection for a slot already counted in `_open`."""
         loop = asyncio.get_running_loop()
@@ -199,7 +194,7 @@ class OriginPool:
                 timeout=max(0.0, deadline - loop.time()),
                 server=self.server,
                 codec=self.codec,
-                flusher=self._flusher(loop),
+                flusher=self._flusher,
             )
         except BaseException:
             self._open -= 1
