@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .accesslog import AccessLog
@@ -20,6 +20,7 @@ from .cache import policy
 from .cache.store import MemoryStore
 from .config import Config
 from .http.errors import error_response
+from .http.handler import DirectClient
 from .http.messages import (
     IDEMPOTENT_METHODS,
     Body,
@@ -42,7 +43,14 @@ from .http.semantics import (
     origin_request_headers,
 )
 from .metrics import Registry
-from .origin.group import OriginGroup, OriginResponse
+from .origin.client import (
+    OriginConnection,
+    OriginError,
+    OriginProtocolError,
+    OriginTimeout,
+    first_byte_timeout_message,
+)
+from .origin.group import GroupServer, OriginGroup, OriginResponse
 
 log = logging.getLogger("edgeproxy.pipeline")
 
@@ -53,6 +61,11 @@ HIT_FOR_PASS = 120.0
 # Chunks a streaming (no longer cacheable) flight may run ahead of its slowest reader.
 FLIGHT_WINDOW = 16
 CONDITIONAL_REQUEST_HEADERS = (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range")
+
+
+# Largest body a pass answered in callbacks may have (it is written without waiting for the
+# client to take it); a larger one is relayed by a task, with backpressure.
+DIRECT_BODY_LIMIT = 64 * 1024
 
 
 def protocol_of(head: RequestHead) -> str:
@@ -301,11 +314,61 @@ class Pipeline:
             self._log(proto, head, head.client_addr, head.request_id, rhead.status, len(body), duration, b"HIT", "", "")
         return FreshResponse(rhead, extra, body)
 
-    async def handle(self, head: RequestHead, body: Body, sink: ResponseSink) -> None:
-        started = time.monotonic()
+    def forward_now(self, head: RequestHead, client: DirectClient) -> _DirectForward | None:
+        """The synchronous start of a pass (a bodiless GET or HEAD whose response is not stored:
+        cache off, a request the cache does not serve, or a key in hit-for-pass) when an idle
+        origin connection is ready: the request is sent and the response will be answered from
+        the origin connection's callbacks, without a task. None: the front end calls `handle`.
+        The front end calls `cancel()` on the result if its client goes away first."""
+        if head.method not in (b"GET", b"HEAD"):
+            return None
+        for k, _ in head.headers:
+            if k in FAST_PATH_BLOCKERS:
+                return None  # conditionals, cache directives, ranges, upgrades: the general path
+        try:
+            group = self._group_for(head)
+        except HTTPError:
+            return None
+        cache = self.cache
+        if cache is not None and policy.request_cacheable(head):
+            key = policy.cache_key(head.scheme, head.authority, head.target)
+            if self._passes.get(key, 0.0) <= self.clock() or policy.select(cache.get(key), head) is not None:
+                return None  # may be storable, or a stored entry to serve or revalidate
+        ready = group.take_ready()
+        if ready is None:
+            return None
+        srv, conn = ready
+        out = RequestHead(head.method, head.target, origin_request_headers(head, self.pop_id), head.scheme, head.authority, head.http_version, head.client_addr, head.request_id)
+        try:
+            conn.send_bodiless(out)
+        except (HTTPError, OriginError):
+            srv.pool.release(conn)  # closed: the general path starts over and words any error
+            return None
+        if cache is not None:
+            self.m_cache.inc("pass")
+        direct = _DirectForward(self, head, client, group, srv, conn)
+        conn.watch(direct.on_origin, direct.sent_at + group.section.first_byte_timeout)
+        return direct
+
+    async def handle(
+        self,
+        head: RequestHead,
+        body: Body,
+        sink: ResponseSink,
+        *,
+        resume: Callable[[_Exchange], Awaitable[None]] | None = None,
+        started: float = 0.0,
+    ) -> None:
+        """`resume` (with the monotonic time the request `started`) finishes a request that
+        `forward_now` began."""
+        if not started:
+            started = time.monotonic()
         ex = _Exchange(self, head, sink)
         try:
-            await self._dispatch(head, body, ex)
+            if resume is None:
+                await self._dispatch(head, body, ex)
+            else:
+                await resume(ex)
         except HTTPError as e:
             await ex.error(e)
         except BodyError as err:
@@ -387,7 +450,14 @@ class Pipeline:
             self.m_cache.inc("pass")
         await self._forward(head, body, group, ex)
 
-    async def _forward(self, head: RequestHead, body: Body, group: OriginGroup, ex: _Exchange) -> None:
+    async def _forward(
+        self,
+        head: RequestHead,
+        body: Body,
+        group: OriginGroup,
+        ex: _Exchange,
+        prior: tuple[GroupServer, OriginError] | None = None,
+    ) -> None:
         length = body.length
         upgrade = hasattr(ex.sink, "tunnel") and _wants_upgrade(head)
         if head.method in IDEMPOTENT_METHODS and length is not None and 0 < length <= REPLAY_BUFFER:
@@ -403,7 +473,12 @@ class Pipeline:
             RequestHead(head.method, head.target, origin_request_headers(head, self.pop_id, upgrade=upgrade), head.scheme, head.authority, head.http_version, head.client_addr, head.request_id),
             body,
             length,
+            prior=prior,
         )
+        await self._relay(head, resp, ex, upgrade, [])
+
+    async def _relay(self, head: RequestHead, resp: OriginResponse, ex: _Exchange, upgrade: bool, first: list[bytes]) -> None:
+        """The origin's response to the client; `first`: body chunks already taken from it."""
         ex.origin = resp.server
         try:
             if resp.head.status == 101 and upgrade:
@@ -411,6 +486,8 @@ class Pipeline:
                 await ex.sink.tunnel(resp.detach())  # type: ignore[attr-defined]
                 return
             await ex.start(resp.head, b"")
+            for chunk in first:
+                await ex.write(chunk)
             while chunk := await resp.read():
                 await ex.write(chunk)
             await ex.end()
@@ -641,6 +718,130 @@ class Pipeline:
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+class _DirectForward:
+    """A pass answered in callbacks (see `Pipeline.forward_now`), from request sent to response
+    written. The common case (the head and the whole body arrive together) costs no task, future
+    or coroutine. Anything else continues in a task through the general path, before anything
+    reached the client: a failure before the response head (the general path retries it, this
+    attempt counting as its first) and a body still on its way (relayed with backpressure)."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        head: RequestHead,
+        client: DirectClient,
+        group: OriginGroup,
+        srv: GroupServer,
+        conn: OriginConnection,
+    ) -> None:
+        self.p = pipeline
+        self.head = head
+        self.client = client
+        self.group = group
+        self.srv = srv
+        self.conn = conn
+        self.started = time.monotonic()
+        self.sent_at = conn.now()
+        self.done = False
+
+    def on_origin(self) -> None:
+        """The origin connection's callback: data, EOF, loss, or the first-byte deadline."""
+        if self.done:
+            return
+        try:
+            self._on_origin()
+        except Exception:  # a bug must neither leave the client waiting nor reach the loop
+            log.exception("request %s: direct forward failed", self.head.request_id)
+            if not self.done:
+                self._failed(OriginProtocolError(f"internal error with the response of {self.srv.name}"))
+            else:
+                self.client.direct_abort()
+
+    def _on_origin(self) -> None:
+        conn = self.conn
+        try:
+            rhead = conn.head_nowait()
+        except OriginError as e:
+            self._failed(e)
+            return
+        if rhead is None:
+            if conn.timed_out:
+                self._failed(OriginTimeout(first_byte_timeout_message(self.srv.name, self.group.section.first_byte_timeout)))
+            elif conn.closed:
+                self._failed(OriginProtocolError(f"{self.srv.name} closed the connection mid-head"))
+            return
+        self.done = True
+        conn.watch(None)
+        self.group.attempt_succeeded(self.srv, rhead.status, conn.now() - self.sent_at)
+        chunks: list[bytes] = []
+        try:
+            complete = conn.body_nowait(chunks)
+        except BodyError:
+            complete = False  # the relay reads the same error and breaks the response off
+        if complete and sum(len(c) for c in chunks) <= DIRECT_BODY_LIMIT:
+            self.srv.pool.release(conn)
+            self._respond(rhead, chunks)
+            return
+        resp = OriginResponse(
+            conn, rhead, read_timeout=self.group.section.read_timeout, on_done=self.srv.pool.release, method=self.head.method, complete=complete
+        )
+        if complete:
+            resp.release()  # the connection goes back; the relay only writes `chunks`
+        self._continue(lambda ex: self.p._relay(self.head, resp, ex, False, chunks))
+
+    def _failed(self, error: OriginError) -> None:
+        self.done = True
+        conn = self.conn
+        self.group.attempt_failed(self.srv, error)
+        conn.close()
+        self.srv.pool.release(conn)
+        prior = (self.srv, error)
+        self._continue(lambda ex: self.p._forward(self.head, EmptyBody(), self.group, ex, prior))
+
+    def _continue(self, resume: Callable[[_Exchange], Awaitable[None]]) -> None:
+        p = self.p
+        started = self.started
+        head = self.head
+
+        def run(body: Body, sink: ResponseSink) -> Awaitable[None]:
+            return p.handle(head, body, sink, resume=resume, started=started)
+
+        self.client.direct_continue(head, run)
+
+    def _respond(self, rhead: ResponseHead, chunks: list[bytes]) -> None:
+        p = self.p
+        head = self.head
+        status = rhead.status
+        headers = client_response_headers(
+            rhead.headers, pop_id=p.pop_id, request_id=head.request_id, http_version=head.http_version, alt_svc=p.alt_svc
+        )
+        body = b"" if head.method == b"HEAD" or not chunks else chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.client.direct_respond(ResponseHead(status, headers, rhead.reason), body)
+        proto = protocol_of(head)
+        p.m_requests.inc(proto, str(status))
+        duration = time.monotonic() - self.started
+        p.m_duration.observe(duration, proto)
+        p.m_body_bytes.inc(proto, amount=len(body))
+        p._log(proto, head, head.client_addr, head.request_id, status, len(body), duration, b"", self.srv.name, "")
+
+    def cancel(self) -> None:
+        """The client went away before the response: drop the origin connection (a response
+        half read cannot be reused) and account for the request as `handle` would (499)."""
+        if self.done:
+            return
+        self.done = True
+        self.conn.close()
+        self.srv.pool.release(self.conn)
+        p = self.p
+        head = self.head
+        proto = protocol_of(head)
+        p.m_requests.inc(proto, "499")
+        duration = time.monotonic() - self.started
+        p.m_duration.observe(duration, proto)
+        p.m_body_bytes.inc(proto, amount=0)
+        p._log(proto, head, head.client_addr, head.request_id, 499, 0, duration, b"", self.srv.name, "client gone")
 
 
 class _Exchange:

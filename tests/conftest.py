@@ -11,7 +11,7 @@ import pop_helpers
 import pytest
 import uvloop
 
-H1_SUITES = {"test_h1_server", "test_cache_pipeline", "test_tls"}
+H1_SUITES = {"test_h1_server", "test_cache_pipeline", "test_tls", "test_direct_forward"}
 
 
 def pytest_configure(config: pytest.Config) -> None:

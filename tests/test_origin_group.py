@@ -73,6 +73,8 @@ def counter(reg: Registry, name: str) -> MCounter:
 
 
 def gauge(reg: Registry, name: str) -> Gauge:
+    """The gauge as a scrape sees it (collectors run first)."""
+    reg.render()
     m = reg.get(name)
     assert isinstance(m, Gauge)
     return m
@@ -153,6 +155,7 @@ async def test_busy_gauge_while_response_is_open() -> None:
         conns = gauge(reg, "edgeproxy_origin_connections")
         assert conns.get("g", srv.address, "busy") == 1
         resp.close()
+        conns = gauge(reg, "edgeproxy_origin_connections")
         assert conns.get("g", srv.address, "busy") == 0
         assert conns.get("g", srv.address, "idle") == 0
 

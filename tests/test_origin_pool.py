@@ -21,7 +21,6 @@ from origin_helpers import (
 )
 
 from edgeproxy.http.messages import Body, BodyError, EmptyBody, RequestHead, ResponseHead
-from edgeproxy.metrics import Registry
 from edgeproxy.origin import client
 from edgeproxy.origin.client import (
     RECV_HIGH_WATER,
@@ -390,19 +389,16 @@ async def test_fresh_acquire_bypasses_idle(srv: OriginServer) -> None:
 
 
 async def test_pool_close_closes_idle_and_busy(srv: OriginServer) -> None:
-    gauge = Registry().gauge("conns", "x", ("server", "state"))
     pool = OriginPool(
         ("127.0.0.1", srv.port),
         max_connections=3,
         max_idle=3,
         idle_timeout=5,
         connect_timeout=2,
-        gauge=gauge,
-        gauge_labels=("s",),
     )
     c1 = await pool.acquire()
     c2 = await pool.acquire()
-    assert gauge.get("s", "busy") == 2 and gauge.get("s", "idle") == 0
+    assert pool.busy_count == 2 and pool.idle_count == 0
     resp = await c2.request(
         RequestHead(b"GET", b"/a", [], authority=b"o"),
         EmptyBody(),
@@ -413,10 +409,10 @@ async def test_pool_close_closes_idle_and_busy(srv: OriginServer) -> None:
     )
     await read_all(resp)
     resp.release()
-    assert gauge.get("s", "busy") == 1 and gauge.get("s", "idle") == 1
+    assert pool.busy_count == 1 and pool.idle_count == 1
     await pool.close()
     assert c1.closed and c2.closed
-    assert gauge.get("s", "busy") == 0 and gauge.get("s", "idle") == 0
+    assert pool.busy_count == 0 and pool.idle_count == 0
     await eventually(lambda: srv.open_connections == 0)
     pool.release(c1)  # late release after close: harmless
     assert pool.open_count == 0

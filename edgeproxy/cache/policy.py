@@ -260,18 +260,25 @@ def _authority_host(scheme: str, authority: bytes) -> bytes:
     return a
 
 
+# (scheme, authority) -> the key's b"scheme://host" part: a PoP sees few distinct ones, and
+# every lookup, hit or miss, needs it. Bounded: authorities are client-chosen.
+_KEY_PREFIXES: dict[tuple[str, bytes], bytes] = {}
+
+
 def cache_key(scheme: str, authority: bytes, target: bytes) -> bytes:
     """Primary cache key, e.g. b"https://example.com/a?b=1".
 
     The host is lowercased and a default port dropped so equivalent URIs share an entry; the
     target is kept byte-for-byte (reordering a query could change what the origin serves).
     """
-    return (
-        scheme.lower().encode("ascii", "replace")
-        + b"://"
-        + _authority_host(scheme, authority)
-        + target
-    )
+    memo = (scheme, authority)
+    prefix = _KEY_PREFIXES.get(memo)
+    if prefix is None:
+        prefix = scheme.lower().encode("ascii", "replace") + b"://" + _authority_host(scheme, authority)
+        if len(_KEY_PREFIXES) >= 4096:
+            _KEY_PREFIXES.clear()
+        _KEY_PREFIXES[memo] = prefix
+    return prefix + target
 
 
 def _connection_named(headers: Headers) -> set[bytes]:

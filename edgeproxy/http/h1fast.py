@@ -17,11 +17,7 @@ How it stays in agreement with h11 0.16:
 * Only a complete head is ever fed to llhttp, one fresh parser per head. That is what keeps a
   pipelined request or the bytes after an Upgrade unparsed: httptools gives no way to pause
   llhttp at the end of a message.
-* Most heads are plain: every field line is ``name: value`` with a token name, visible-ASCII or
-  obs-text value and CRLF ending. Their fields are read by one regex scan (`plain_fields`: h11's
-  field grammar narrowed, so it reads them exactly as h11 does), which is cheaper than a parser
-  object and two callbacks per field; the checks below still apply. Other heads go to llhttp.
-* A head takes the llhttp path only if llhttp (strict mode) accepts it *and* it passes explicit
+* A head takes the fast path only if llhttp (strict mode) accepts it *and* it passes explicit
   checks for every point where llhttp is more lenient than h11: a leading empty line (llhttp
   skips it, h11 rejects it: the boundary search above does too), the request line (llhttp takes
   repeated spaces and knows nothing of h11's grammar, which is applied here), whitespace after a
@@ -241,39 +237,6 @@ class _HeaderSink:
             self.special.append(len(self.items))
         # llhttp drops the whitespace before a value but keeps the whitespace after it.
         self.items.append((raw, name, value.strip(b" \t")))
-
-
-# One field line in its common shape, matched only where a line starts: h11's field grammar
-# narrowed to visible ASCII and obs-text values with CRLF endings, so whatever matches here h11
-# reads the same way (same name, same stripped value).
-_PLAIN_FIELD = re.compile(
-    rb"(?<=\n)([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*"
-    rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*\r\n"
-)
-
-
-def plain_fields(head: bytes, sink: _HeaderSink) -> bool:
-    """Tokenises the fields of a complete head into `sink` (as llhttp's callbacks would) when
-    every line after the first is a plain field line; False (sink untouched) otherwise, and
-    llhttp or h11 decide. The first line must already be known to hold no LF.
-
-    Two C-level regex scans instead of a parser object and two callbacks per field: most heads
-    from origins and clients are of this shape."""
-    if not head.endswith(b"\r\n\r\n"):
-        return False
-    found = _PLAIN_FIELD.findall(head)
-    # Every line matched: a line that did not match (folded, bare LF, a stray byte) is not
-    # counted, and a match cannot start mid-line.
-    if len(found) != head.count(b"\n") - 2:
-        return False
-    items = sink.items
-    special = sink.special
-    for raw, value in found:
-        name = raw.lower()
-        if name in _FRAMING_NAMES:
-            special.append(len(items))
-        items.append((raw, name, value))
-    return True
 
 
 def _llhttp_accepts(head: bytes) -> list[tuple[bytes, bytes]] | None:
@@ -694,8 +657,9 @@ class FastServerConnection(_H11Cycle):
         return req
 
     def _fast_head(self, head: bytes) -> tuple[h11.Request, _Effects] | None:
-        """Parses a complete head (plain fields by regex, others with llhttp); None when h11
-        has to decide instead."""
+        """Parses a complete head with llhttp; None when h11 has to decide instead."""
+        if not _LLHTTP_STRICT:
+            return None
         line_end = head.find(b"\r\n")
         rl = _REQUEST_LINE.fullmatch(head, 0, line_end)
         if rl is None:
@@ -705,18 +669,15 @@ class FastServerConnection(_H11Cycle):
         special: list[int] = []
         sink.items = items
         sink.special = special
-        if not plain_fields(head, sink):
-            if not _LLHTTP_STRICT:
-                return None
-            try:
-                httptools.HttpRequestParser(sink).feed_data(head)
-            except httptools.HttpParserUpgrade:
-                pass  # Upgrade or CONNECT: llhttp stops after the head, which is all it was given
-            except httptools.HttpParserError:
-                return None
-            # One field per line: nothing was folded or split differently from h11's reading.
-            if len(items) != head.count(b"\n") - 2:
-                return None
+        try:
+            httptools.HttpRequestParser(sink).feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass  # Upgrade or CONNECT: llhttp stops after the head, which is all it was given
+        except httptools.HttpParserError:
+            return None
+        # One field per line: nothing was folded or split differently from h11's reading.
+        if len(items) != head.count(b"\n") - 2:
+            return None
         method, target, version = rl.groups()
         hosts = 0
         content_length: bytes | None = None

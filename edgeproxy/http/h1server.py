@@ -17,7 +17,7 @@ import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import h11
@@ -27,8 +27,17 @@ from ..metrics import Registry
 from ..tick import TickFlusher
 from .errors import reason
 from .h1fast import prevalidated_response
-from .handler import RequestHandler
-from .messages import BodyError, HTTPError, RequestHead, ResponseHead, event_data, header_all
+from .handler import DirectExchange, RequestHandler
+from .messages import (
+    Body,
+    BodyError,
+    HTTPError,
+    RequestHead,
+    ResponseHead,
+    ResponseSink,
+    event_data,
+    header_all,
+)
 
 log = logging.getLogger("edgeproxy.h1")
 
@@ -255,6 +264,7 @@ class H1Protocol(asyncio.Protocol):
         self.busy = False  # a request is being handled by a task
         self.closed = False
         self.task: asyncio.Task[None] | None = None
+        self.direct: DirectExchange | None = None  # a request answered in callbacks (no task)
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -348,6 +358,10 @@ class H1Protocol(asyncio.Protocol):
             self._observed = None
         if self.task is not None and not self.task.done() and self._tunnel is None:
             self.task.cancel()  # the client is gone: stop the origin fetch it was waiting for
+        direct = self.direct
+        if direct is not None:
+            self.direct = None
+            direct.cancel()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -538,13 +552,13 @@ class H1Protocol(asyncio.Protocol):
                 self._reject(e, None, request_id or self.handler.new_request_id())
                 return
             if length == 0:
+                # A bodiless request's EndOfMessage is already parsed; take it so the codec's
+                # request side is DONE.
+                if not isinstance(self.codec.next_event(), h11.EndOfMessage):
+                    self._reject(HTTPError(400, "malformed request framing", close=True), head, request_id)
+                    return
                 fast = self.handler.respond_fresh(head)
                 if fast is not None:
-                    # A bodiless request's EndOfMessage is already parsed; take it so the
-                    # codec's request side is DONE.
-                    if not isinstance(self.codec.next_event(), h11.EndOfMessage):
-                        self._reject(HTTPError(400, "malformed request framing", close=True), head, request_id)
-                        return
                     out = self.response_bytes(fast.head, fast.extra)
                     if fast.body:
                         out += self.codec.send(h11.Data(data=fast.body)) or b""
@@ -552,9 +566,38 @@ class H1Protocol(asyncio.Protocol):
                     if not self._next_cycle():
                         return
                     continue
+                self.busy = True
+                direct = self.handler.forward_now(head, self)
+                if direct is not None:
+                    self.direct = direct
+                    return
             self.busy = True
             self.task = self.loop.create_task(self._handle(head, length))
             return
+
+    # -- DirectClient: a response the handler answers from callbacks ---------------------------
+
+    def direct_respond(self, head: ResponseHead, body: bytes) -> None:
+        self.direct = None
+        self.busy = False
+        if self.closed:
+            return
+        out = self.response_bytes(head)
+        if body:
+            out += self.codec.send(h11.Data(data=body)) or b""
+        self._queue(out + (self.codec.send(h11.EndOfMessage()) or b""))
+        self.resume_reading()
+        if self._next_cycle():
+            self._process()
+
+    def direct_continue(self, head: RequestHead, run: Callable[[Body, ResponseSink], Awaitable[None]]) -> None:
+        self.direct = None
+        self.task = self.loop.create_task(self._handle(head, 0, run))
+
+    def direct_abort(self) -> None:
+        self.direct = None
+        self.must_close = True
+        self.abort()
 
     def _next_cycle(self) -> bool:
         """After a complete exchange: ready for the next request (True), or closing."""
@@ -571,11 +614,13 @@ class H1Protocol(asyncio.Protocol):
             self._arm(self.limits.idle_timeout, self._on_idle)
         return True
 
-    async def _handle(self, head: RequestHead, length: int | None) -> None:
+    async def _handle(
+        self, head: RequestHead, length: int | None, run: Callable[[Body, ResponseSink], Awaitable[None]] | None = None
+    ) -> None:
         body = _H1Body(self, length, self.limits.max_body_bytes)
         sink = _H1Sink(self)
         try:
-            await self.handler.handle(head, body, sink)
+            await (self.handler.handle(head, body, sink) if run is None else run(body, sink))
             if self._tunnel is not None:
                 self.close()
                 return

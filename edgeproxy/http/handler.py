@@ -8,9 +8,32 @@ counting, logging and the error page stay in one place.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from .messages import Body, FreshResponse, RequestHead, ResponseHead, ResponseSink
+
+
+class DirectClient(Protocol):
+    """What a front end offers a response driven in callbacks (`RequestHandler.forward_now`)."""
+
+    def direct_respond(self, head: ResponseHead, body: bytes) -> None:
+        """Send the whole response, then go on with the connection's next request."""
+        ...
+
+    def direct_continue(self, head: RequestHead, run: Callable[[Body, ResponseSink], Awaitable[None]]) -> None:
+        """Nothing was sent yet: finish the request in a task, as `run(body, sink)`."""
+        ...
+
+    def direct_abort(self) -> None:
+        """Break the connection off (a bug left the response unfinished)."""
+        ...
+
+
+class DirectExchange(Protocol):
+    def cancel(self) -> None:
+        """The client went away: stop, and account for the request."""
+        ...
 
 
 class RequestHandler(Protocol):
@@ -23,6 +46,13 @@ class RequestHandler(Protocol):
     def respond_fresh(self, head: RequestHead) -> FreshResponse | None:
         """Synchronous fast path for a request without a body: the whole response when the cache
         can answer at once (counted and logged), else None and the front end calls `handle`."""
+        ...
+
+    def forward_now(self, head: RequestHead, client: DirectClient) -> DirectExchange | None:
+        """Synchronous start of a request without a body whose response the handler can answer
+        from callbacks (a pass over a ready origin connection): it then answers through
+        `client`, and the front end calls `cancel()` if the client goes away first. None: the
+        front end calls `handle`."""
         ...
 
     async def handle(self, head: RequestHead, body: Body, sink: ResponseSink) -> None:

@@ -387,6 +387,7 @@ class OriginConnection:
         self._timer_at = 0.0  # the deadline `_timer` was set for (TimerHandle.when() rounds)
         self._deadline: float | None = None
         self._timed_out = False
+        self._watched = False  # a `watch` callback is set (callback mode, see send_bodiless)
         self.socket_waits = 0  # times a read or write had to wait for the socket
 
     @classmethod
@@ -444,15 +445,8 @@ class OriginConnection:
         Costs one clock read by the caller and, usually, no timer operation: the armed timer is
         kept when it is due before `deadline` (see `_on_timer`).
         """
-        self._deadline = deadline
-        self._timed_out = False
+        self._set_deadline(deadline)
         self.socket_waits += 1
-        timer = self._timer
-        if timer is None or self._timer_at > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
         try:
             if writable:
                 await self._proto.wait_event_while_paused()
@@ -464,6 +458,16 @@ class OriginConnection:
         self._timed_out = False
         return not timed_out
 
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._timed_out = False
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
     def _on_timer(self) -> None:
         self._timer = None
         deadline = self._deadline
@@ -473,6 +477,9 @@ class OriginConnection:
             self._deadline = None
             self._timed_out = True
             self._proto.wake_waiters()
+            watcher = self._proto.on_event
+            if self._watched and watcher is not None:
+                watcher()
         else:
             # Armed for an earlier request's deadline; the current one is later.
             self._timer = self._loop.call_at(deadline, self._on_timer)
@@ -518,6 +525,7 @@ class OriginConnection:
     def close(self) -> None:
         self._closed = True
         self._proto.on_event = None
+        self._watched = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -569,6 +577,97 @@ class OriginConnection:
         return OriginResponse(
             self, response_head, read_timeout=read_timeout, on_done=done, method=head.method
         )
+
+    def send_bodiless(self, head: RequestHead) -> None:
+        """`request`'s first half without waiting, for a request without a body: the bytes leave
+        at the end of the tick. Then drive the response in callback mode: `watch`, `head_nowait`,
+        `body_nowait`, then the pool's release, or an `OriginResponse` for the rest. Raises
+        what `request` raises, with the connection closed (give it back to its pool after).
+        """
+        if self._busy or self.closed or self.detached:
+            raise RuntimeError(f"{self!r} is not free for a request")
+        self._busy = True
+        self._reused = self.requests_completed > 0
+        try:
+            request = _request_event(head, head.authority or self._host, 0)
+            self._rx_mark = self._proto.bytes_received
+            self._in_head_phase = True
+            self._early_head = None
+            try:
+                data = self._encode(request) + self._encode(_EOM)
+            except h11.LocalProtocolError as e:
+                raise HTTPError(400, f"request cannot be forwarded: {e}") from None
+            if not self._proto.write_soon(data):
+                raise self._reset_error()
+        except BaseException:
+            self._busy = False
+            self.close()
+            raise
+
+    def watch(self, callback: Callable[[], None] | None, deadline: float | None = None) -> None:
+        """Callback mode: `callback` runs on data, EOF, loss, and once `deadline` (loop time)
+        passes, when `timed_out` turns True. None stops watching (and the deadline)."""
+        self._proto.on_event = callback
+        self._watched = callback is not None
+        if callback is None:
+            self._deadline = None
+            self._timed_out = False
+        elif deadline is not None:
+            self._set_deadline(deadline)
+
+    def now(self) -> float:
+        """The event loop's clock, which deadlines are in."""
+        return self._loop.time()
+
+    @property
+    def timed_out(self) -> bool:
+        return self._timed_out
+
+    def head_nowait(self) -> ResponseHead | None:
+        """The response head if the bytes for it have arrived (1xx but 101 skipped), else None.
+        Raises OriginProtocolError, or OriginResetBeforeResponse if the origin hung up first."""
+        while True:
+            if self._early_head is not None:
+                ev: Any = self._early_head
+                self._early_head = None
+            else:
+                ev = self._pump_nowait()
+            if ev is _NEED_DATA:
+                if self._eof_fed:
+                    raise OriginProtocolError(f"{self.server} closed the connection mid-head")
+                return None
+            etype = type(ev)
+            if etype is h11.InformationalResponse:
+                if ev.status_code != 101:
+                    continue  # 100 Continue, 102, 103: nothing the client needs from us
+            elif etype is not h11.Response:
+                raise OriginProtocolError(f"unexpected {etype.__name__} from {self.server}")
+            self._in_head_phase = False
+            items = ev.headers._full_items
+            if self._copy_fields:
+                headers = [(bytes(name), bytes(value)) for _, name, value in items]
+            else:
+                headers = [(name, value) for _, name, value in items]
+            return ResponseHead(ev.status_code, headers, bytes(ev.reason))
+
+    def body_nowait(self, chunks: list[bytes]) -> bool:
+        """Appends the body bytes already received to `chunks`; True if they reach the end of
+        the message (the connection is then free for its pool to take back). Raises
+        BodyError for a broken body."""
+        while True:
+            ev = self._pump_nowait()
+            if ev is _NEED_DATA:
+                return False
+            etype = type(ev)
+            if etype is h11.Data:
+                data = event_data(ev)
+                if data:
+                    chunks.append(bytes(data))
+                continue
+            if etype is h11.EndOfMessage:
+                self._finish_cycle()
+                return True
+            raise BodyError(f"unexpected {etype.__name__} in response body from {self.server}")
 
     def _reset_error(self) -> OriginResetBeforeResponse:
         why = " (reused keep-alive connection)" if self._reused else ""
@@ -672,33 +771,14 @@ class OriginConnection:
         deadline: float | None = None
         timed_out = False
         while True:
-            if self._early_head is not None:
-                ev: Any = self._early_head
-                self._early_head = None
-            else:
-                ev = self._pump_nowait()
-            if ev is _NEED_DATA:
-                if self._eof_fed:
-                    raise OriginProtocolError(f"{self.server} closed the connection mid-head")
-                if timed_out:
-                    raise OriginTimeout(f"{self.server} sent no response head within {timeout:g}s")
-                if deadline is None:
-                    deadline = self._loop.time() + timeout
-                timed_out = not await self._wait(deadline)
-                continue
-            etype = type(ev)
-            if etype is h11.InformationalResponse:
-                if ev.status_code != 101:
-                    continue  # 100 Continue, 102, 103: nothing the client needs from us
-            elif etype is not h11.Response:
-                raise OriginProtocolError(f"unexpected {etype.__name__} from {self.server}")
-            self._in_head_phase = False
-            items = ev.headers._full_items
-            if self._copy_fields:
-                headers = [(bytes(name), bytes(value)) for _, name, value in items]
-            else:
-                headers = [(name, value) for _, name, value in items]
-            return ResponseHead(ev.status_code, headers, bytes(ev.reason))
+            head = self.head_nowait()
+            if head is not None:
+                return head
+            if timed_out:
+                raise OriginTimeout(first_byte_timeout_message(self.server, timeout))
+            if deadline is None:
+                deadline = self._loop.time() + timeout
+            timed_out = not await self._wait(deadline)
 
     async def _receive_body(self, timeout: float) -> bytes | None:
         """Next body chunk, or None at the end of the message."""
@@ -759,6 +839,10 @@ class OriginConnection:
         return self._codec.their_state is h11.SWITCHED_PROTOCOL
 
 
+def first_byte_timeout_message(server: str, timeout: float) -> str:
+    return f"{server} sent no response head within {timeout:g}s"
+
+
 def _noop(_conn: OriginConnection) -> None:
     pass
 
@@ -793,7 +877,9 @@ class OriginResponse:
         read_timeout: float,
         on_done: Callable[[OriginConnection], None],
         method: bytes = b"GET",
+        complete: bool = False,
     ) -> None:
+        """`complete`: the body has already been read to its end (`body_nowait`)."""
         self.head = head
         self.server = conn.server
         self.length = _response_length(method, head)
@@ -801,7 +887,7 @@ class OriginResponse:
         self._conn = conn
         self._read_timeout = read_timeout
         self._on_done = on_done
-        self._complete = False
+        self._complete = complete
         self._finished = False
 
     @property

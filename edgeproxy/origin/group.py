@@ -193,8 +193,6 @@ class OriginGroup:
                 idle_timeout=section.idle_timeout,
                 connect_timeout=section.connect_timeout,
                 server=name,
-                gauge=self._m_connections,
-                gauge_labels=(self.name, name),
                 codec=parser,
             )
             health = ServerHealth(
@@ -206,6 +204,7 @@ class OriginGroup:
             self.servers.append(GroupServer(name, host, port, health, pool))
             self._m_healthy.set(self.name, name, value=1.0)
         self._health = [s.health for s in self.servers]
+        metrics.add_collector(self._collect_connections)
         self._rr = 0
         self._panic = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -258,12 +257,50 @@ class OriginGroup:
 
     # -- requests --------------------------------------------------------------------------------
 
-    async def fetch(self, head: RequestHead, body: Body, body_length: int | None) -> OriginResponse:
+    def take_ready(self) -> tuple[GroupServer, OriginConnection] | None:
+        """The server a fetch would try first and an idle pooled connection to it, if one is
+        free at once (None otherwise: `fetch` then waits or connects). For callers that drive
+        a bodiless request in callback mode; they report with `attempt_succeeded` or
+        `attempt_failed`, give the connection back with `srv.pool.release`, and after a
+        failure call `fetch(..., prior=(srv, error))`, which goes on as if that had been its
+        own first attempt."""
+        choice = choose(self._health, self.section.policy, self._clock(), self._rr, [])
+        srv = self.servers[choice.index]
+        conn = srv.pool.take_idle_now()
+        if conn is None:
+            return None
+        self._rr += 1
+        self._note_panic(choice.panic)
+        return srv, conn
+
+    def attempt_succeeded(self, srv: GroupServer, status: int, latency: float) -> None:
+        """Accounts for a response head that arrived (what `fetch` counts per attempt)."""
+        self._m_latency.observe(latency, self.name, srv.name)
+        self._m_requests.inc(self.name, srv.name, "http_5xx" if status >= 500 else "ok")
+        self._passive(srv, ok=status not in PASSIVE_FAILURE_STATUSES)
+
+    def attempt_failed(self, srv: GroupServer, e: OriginError) -> None:
+        """Accounts for an attempt that got no response head."""
+        self._m_requests.inc(self.name, srv.name, _outcome(e))
+        stale = isinstance(e, OriginResetBeforeResponse) and e.reused
+        if not stale and not isinstance(e, OriginPoolExhausted):
+            self._passive(srv, ok=False)
+
+    async def fetch(
+        self,
+        head: RequestHead,
+        body: Body,
+        body_length: int | None,
+        *,
+        prior: tuple[GroupServer, OriginError] | None = None,
+    ) -> OriginResponse:
         """Send the request to a server of the group; the response head has arrived on return.
 
         The caller must finish the response with release(), close() or detach(). Raises
         HTTPError(502/504) when every attempt failed; exceptions from `body.read()` (client
-        upload broken, 413) propagate unchanged.
+        upload broken, 413) propagate unchanged. `prior` is a first attempt the caller made
+        itself (see `take_ready`): it counts against the retries, and a stale keep-alive reset
+        is retried on a fresh connection to the same server, as here.
         """
         if body_length == 0:
             body = EmptyBody()
@@ -275,6 +312,19 @@ class OriginGroup:
         failures: list[str] = []
         last: OriginError | None = None
         for attempt in range(attempts):
+            if attempt == 0 and prior is not None:
+                srv, err = prior
+                tried.append(self.servers.index(srv))
+                if isinstance(err, OriginResetBeforeResponse) and err.reused:
+                    try:
+                        return await self._attempt(srv, head, body, body_length, fresh=True)
+                    except OriginError as e:
+                        err = e
+                last = err
+                failures.append(str(err))
+                if isinstance(err, OriginProtocolError):
+                    break
+                continue
             choice = choose(self._health, self.section.policy, self._clock(), self._rr, tried)
             self._rr += 1
             self._note_panic(choice.panic)
@@ -347,14 +397,9 @@ class OriginGroup:
                 on_done=srv.pool.release,
             )
         except OriginError as e:
-            self._m_requests.inc(self.name, srv.name, _outcome(e))
-            stale = isinstance(e, OriginResetBeforeResponse) and e.reused
-            if not stale and not isinstance(e, OriginPoolExhausted):
-                self._passive(srv, ok=False)
+            self.attempt_failed(srv, e)
             raise
-        self._m_latency.observe(loop.time() - start, self.name, srv.name)
-        self._m_requests.inc(self.name, srv.name, "http_5xx" if resp.status >= 500 else "ok")
-        self._passive(srv, ok=resp.status not in PASSIVE_FAILURE_STATUSES)
+        self.attempt_succeeded(srv, resp.status, loop.time() - start)
         return resp
 
     # -- health ----------------------------------------------------------------------------------
@@ -371,6 +416,11 @@ class OriginGroup:
                 self.section.passive.eject_seconds,
             )
         self._set_gauge(srv, now)
+
+    def _collect_connections(self) -> None:
+        for srv in self.servers:
+            self._m_connections.set(self.name, srv.name, "idle", value=srv.pool.idle_count)
+            self._m_connections.set(self.name, srv.name, "busy", value=srv.pool.busy_count)
 
     def _set_gauge(self, srv: GroupServer, now: float) -> None:
         self._m_healthy.set(self.name, srv.name, value=1.0 if srv.health.available(now) else 0.0)

@@ -10,6 +10,9 @@ released connection (or the slot of a closed one) goes to the longest waiter fir
 callers queue behind existing waiters, so nobody starves. Waiting counts against
 `connect_timeout`, after which `OriginConnectError("pool exhausted")` is raised.
 
+`idle_count` and `busy_count` are read when metrics are scraped (the group's collector), not
+pushed on every acquire and release.
+
 Works with whichever event loop is running when it is used (asyncio or uvloop); nothing binds a
 loop at construction.
 """
@@ -19,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from edgeproxy.metrics import Gauge
 from edgeproxy.tick import TickFlusher
 
 from .client import OriginConnectError, OriginConnection, OriginPoolExhausted
@@ -37,12 +39,9 @@ class OriginPool:
         idle_timeout: float,
         connect_timeout: float,
         server: str | None = None,
-        gauge: Gauge | None = None,
-        gauge_labels: tuple[str, ...] = (),
         codec: str | None = None,
     ) -> None:
-        """`gauge`, if given, is set to the idle and busy counts with labels
-        (*gauge_labels, "idle") and (*gauge_labels, "busy"). `codec` names the HTTP/1.1 parser
+        """`codec` names the HTTP/1.1 parser
         of its connections (`http1.parser`; None: the client's default)."""
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
@@ -53,8 +52,6 @@ class OriginPool:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.codec = codec
-        self._gauge = gauge
-        self._gauge_labels = gauge_labels
         self._idle: collections.deque[OriginConnection] = collections.deque()  # oldest left
         self._busy: set[OriginConnection] = set()
         self._open = 0  # busy + idle + slots reserved for connects in progress
@@ -64,7 +61,6 @@ class OriginPool:
         self._closed = False
         self.connects = 0
         """Connections opened so far (tests and debugging)."""
-        self._update_gauges()
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -137,6 +133,15 @@ class OriginPool:
             return await self._connect(deadline)
         return got
 
+    def take_idle_now(self) -> OriginConnection | None:
+        """An idle connection at once, or None (nothing idle, or others queue for one)."""
+        if self._closed or not self._idle:
+            return None
+        self._prune_waiters()
+        if self._waiters:
+            return None
+        return self._take_idle(asyncio.get_running_loop().time())
+
     def release(self, conn: OriginConnection) -> None:
         """Return a connection after its response is done; keeps it only if it is reusable."""
         if conn not in self._busy:
@@ -157,7 +162,6 @@ class OriginPool:
             conn.close()
             self._open -= 1
             self._grant_slot()
-        self._update_gauges()
 
     async def close(self) -> None:
         """Close every connection, idle and busy, and fail the waiters."""
@@ -177,7 +181,6 @@ class OriginPool:
         self._open = 0
         for c in conns:
             c.close()
-        self._update_gauges()
         if conns:
             # Bounded: connection_lost follows close() within a loop iteration or two.
             await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=1.0)
@@ -199,14 +202,12 @@ class OriginPool:
         except BaseException:
             self._open -= 1
             self._grant_slot()
-            self._update_gauges()
             raise
         self.connects += 1
         if self._closed:
             conn.close()
             raise OriginConnectError(f"{self.server}: connection pool is closed")
         self._busy.add(conn)
-        self._update_gauges()
         return conn
 
     def _take_idle(self, now: float) -> OriginConnection | None:
@@ -218,9 +219,7 @@ class OriginPool:
                 self._open -= 1
                 continue
             self._busy.add(conn)
-            self._update_gauges()
             return conn
-        self._update_gauges()
         return None
 
     def _park(self, conn: OriginConnection) -> None:
@@ -242,7 +241,6 @@ class OriginPool:
             conn.close()
             self._open -= 1
             self._grant_slot()
-            self._update_gauges()
 
     def _schedule_reap(self) -> None:
         if self._reaper is not None or not self._idle or self._closed:
@@ -259,7 +257,6 @@ class OriginPool:
             conn.close()
             self._open -= 1
             self._grant_slot()
-        self._update_gauges()
         self._schedule_reap()
 
     def _prune_waiters(self) -> None:
@@ -285,9 +282,3 @@ class OriginPool:
         elif got is None:
             self._open -= 1
             self._grant_slot()
-            self._update_gauges()
-
-    def _update_gauges(self) -> None:
-        if self._gauge is not None:
-            self._gauge.set(*self._gauge_labels, "idle", value=len(self._idle))
-            self._gauge.set(*self._gauge_labels, "busy", value=len(self._busy))
