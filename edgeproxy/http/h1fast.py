@@ -129,6 +129,16 @@ _W_HTTP10 = 2
 _EMPTY_EOM = _EndOfMessage()
 
 
+def data_event(data: bytes) -> h11.Data:
+    """``h11.Data(data=data)`` without running its interpreted constructor (events are frozen
+    value objects: this sets the same three slots)."""
+    event = object.__new__(_Data)
+    _setattr(event, "data", data)
+    _setattr(event, "chunk_start", False)
+    _setattr(event, "chunk_end", False)
+    return event
+
+
 def prevalidated_response(
     items: list[tuple[bytes, bytes, bytes]], status: int, reason: bytes, version: bytes = b"1.1"
 ) -> h11.Response | h11.InformationalResponse:
@@ -437,7 +447,7 @@ class _H11Cycle:
             del buf[:remaining]
         self._lines_scan = self._line_scan = 0
         self._remaining = remaining - len(data)
-        return _Data(data=data)
+        return data_event(data)
 
     def _extract_lines(self) -> list[bytearray] | None:
         """Everything up to the first blank line, as lines without their CR/LF (h11's rule).

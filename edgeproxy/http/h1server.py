@@ -26,7 +26,7 @@ from ..config import LimitsSection
 from ..metrics import Registry
 from ..tick import TickFlusher
 from .errors import reason
-from .h1fast import prevalidated_response
+from .h1fast import data_event, prevalidated_response
 from .handler import DirectExchange, RequestHandler
 from .messages import (
     Body,
@@ -47,6 +47,7 @@ READ_CHUNK = 65536
 DRAIN_LIMIT = 256 * 1024
 DRAIN_TIMEOUT = 2.0
 TUNNEL_BUFFER = 256 * 1024
+_EOM = h11.EndOfMessage()  # events are immutable: one serves every response
 # Writes smaller than this are joined with the others of the same event-loop tick.
 CORK_LIMIT = 16 * 1024
 
@@ -170,10 +171,10 @@ class _H1Sink:
 
     async def write(self, data: bytes) -> None:
         if data:
-            await self._conn.send_raw(self._conn.codec.send(h11.Data(data=data)))
+            await self._conn.send_raw(self._conn.codec.send(data_event(data)))
 
     async def end(self) -> None:
-        out = self._conn.codec.send(h11.EndOfMessage())
+        out = self._conn.codec.send(_EOM)
         self.ended = True
         await self._conn.send_raw(out)
 
@@ -561,8 +562,8 @@ class H1Protocol(asyncio.Protocol):
                 if fast is not None:
                     out = self.response_bytes(fast.head, fast.extra)
                     if fast.body:
-                        out += self.codec.send(h11.Data(data=fast.body)) or b""
-                    self._queue(out + (self.codec.send(h11.EndOfMessage()) or b""))
+                        out += self.codec.send(data_event(fast.body)) or b""
+                    self._queue(out + (self.codec.send(_EOM) or b""))
                     if not self._next_cycle():
                         return
                     continue
@@ -584,8 +585,8 @@ class H1Protocol(asyncio.Protocol):
             return
         out = self.response_bytes(head)
         if body:
-            out += self.codec.send(h11.Data(data=body)) or b""
-        self._queue(out + (self.codec.send(h11.EndOfMessage()) or b""))
+            out += self.codec.send(data_event(body)) or b""
+        self._queue(out + (self.codec.send(_EOM) or b""))
         self.resume_reading()
         if self._next_cycle():
             self._process()

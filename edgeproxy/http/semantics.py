@@ -26,6 +26,10 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# What never reaches a client from an origin: hop-by-hop fields and the edge's own.
+_CLIENT_DROP = HOP_BY_HOP | {b"x-edge-pop", b"x-request-id", b"x-cache", b"alt-svc"}
+
+
 def strip_hop_by_hop(headers: Headers, *, keep: frozenset[bytes] = frozenset()) -> Headers:
     """Headers without hop-by-hop fields and without those the Connection header names.
 
@@ -84,11 +88,9 @@ def edge_static_headers(
 ) -> Headers:
     """The part of `client_response_headers` that does not change per request (everything but
     X-Request-Id), so a cache hit can reuse it."""
-    out = [
-        (k, v)
-        for k, v in strip_hop_by_hop(headers)
-        if k not in (b"x-edge-pop", b"x-request-id", b"x-cache", b"alt-svc")
-    ]
+    named = header_list(headers, b"connection")
+    drop = _CLIENT_DROP if not named else _CLIENT_DROP | {n.lower() for n in named}
+    out = [(k, v) for k, v in headers if k not in drop]
     proto = "3" if http_version == "3" else "1.1"
     out.append((b"via", f"{proto} {pop_id}".encode()))
     out.append((b"x-edge-pop", pop_id.encode()))

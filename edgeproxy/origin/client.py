@@ -41,7 +41,7 @@ from typing import Any, Protocol, cast
 import h11
 from h11._headers import Headers as _H11Headers  # private: see _request_event
 
-from edgeproxy.http.h1fast import _TCHAR
+from edgeproxy.http.h1fast import _TCHAR, data_event
 from edgeproxy.http.messages import (
     Body,
     BodyError,
@@ -704,7 +704,7 @@ class OriginConnection:
             if body_length is not None and sent + len(chunk) > body_length:
                 raise BodyError(f"request body longer than its declared length {body_length}")
             sent += len(chunk)
-            self._proto.write(self._encode(h11.Data(data=chunk)))
+            self._proto.write(self._encode(data_event(chunk)))
         if body_length is not None and sent != body_length:
             raise BodyError(f"request body ended after {sent} of {body_length} bytes")
         end = self._encode(_EOM)
