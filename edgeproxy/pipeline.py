@@ -761,6 +761,18 @@ class _DirectForward:
 
     def _on_origin(self) -> None:
         conn = self.conn
+        whole = conn.whole_response_nowait()
+        if whole is not None:
+            whead, body = whole
+            self.done = True
+            conn.watch(None)
+            self.group.attempt_succeeded(self.srv, whead.status, conn.now() - self.sent_at)
+            if len(body) <= DIRECT_BODY_LIMIT:
+                self.srv.pool.release(conn)
+                self._respond(whead, [body] if body else [])
+                return
+            self._relay_rest(whead, [body], True)
+            return
         try:
             rhead = conn.head_nowait()
         except OriginError as e:
@@ -784,11 +796,16 @@ class _DirectForward:
             self.srv.pool.release(conn)
             self._respond(rhead, chunks)
             return
+        self._relay_rest(rhead, chunks, complete)
+
+    def _relay_rest(self, rhead: ResponseHead, chunks: list[bytes], complete: bool) -> None:
+        """The response continues in a task: `chunks` of its body are in, `complete` if all."""
+        conn = self.conn
         resp = OriginResponse(
             conn, rhead, read_timeout=self.group.section.read_timeout, on_done=self.srv.pool.release, method=self.head.method, complete=complete
         )
         if complete:
-            resp.release()  # the connection goes back; the relay only writes `chunks`
+            resp.release()  # the connection goes back now; the relay only writes `chunks`
         self._continue(lambda ex: self.p._relay(self.head, resp, ex, False, chunks))
 
     def _failed(self, error: OriginError) -> None:

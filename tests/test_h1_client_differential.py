@@ -973,3 +973,91 @@ def test_send_failed_and_states_agree() -> None:
             send_events(conn, trace, [None])
             traces.append(trace.items)
         assert traces[1] == traces[0]
+
+
+# -- receive_whole: one whole response in one call ------------------------------------------
+
+WHOLE_REQUESTS = ("get", "head", "close", "post_cl", "post_chunked", "upgrade", "connect")
+
+
+def _after_whole(conn: Any, event: Any, body: bytes) -> tuple[Any, ...]:
+    """What a caller can observe once a response was taken, including the next cycle."""
+    out: list[Any] = [_event(event), body, states(conn), conn.their_http_version, conn.trailing_data]
+    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        conn.start_next_cycle()
+        out.append(states(conn))
+    return tuple(out)
+
+
+def _fast_whole(request: str, data: bytes) -> tuple[Any, ...] | None:
+    conn = _fast(16384)
+    send_events(conn, Trace(), REQUESTS[request])
+    before = (states(conn), conn.trailing_data, conn.their_http_version)
+    got = conn.receive_whole(data)
+    if got is None:
+        assert (states(conn), conn.trailing_data, conn.their_http_version) == before
+        return None
+    return _after_whole(conn, *got)
+
+
+def _h11_whole(request: str, data: bytes) -> tuple[Any, ...]:
+    conn = _h11(16384)
+    send_events(conn, Trace(), REQUESTS[request])
+    conn.receive_data(data)
+    head = conn.next_event()
+    body = b""
+    while True:
+        event = conn.next_event()
+        if type(event) is h11.Data:
+            body += bytes(event.data)
+            continue
+        assert type(event) is h11.EndOfMessage, event
+        return _after_whole(conn, head, body)
+
+
+def _assert_whole_agrees(request: str, data: bytes) -> bool:
+    """receive_whole either declines, changing nothing, or gives exactly what h11 gives for the
+    same bytes fed at once (Response, the Data joined, EndOfMessage) and leaves the same states."""
+    got = _fast_whole(request, data)
+    if got is None:
+        return False
+    assert got == _h11_whole(request, data), f"receive_whole disagrees with h11 on {data!r} ({request})"
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_receive_whole_agrees_on_the_corpus(name: str) -> None:
+    for request in WHOLE_REQUESTS:
+        _assert_whole_agrees(request, CORPUS[name])
+        _assert_whole_agrees(request, CORPUS[name] + b"HTTP/1.1 200 OK\r\n\r\n")  # never taken
+
+
+def test_receive_whole_takes_the_common_responses_only() -> None:
+    for data in (VALID["cl"], VALID["cl_zero"], NGINX, _resp(b"HTTP/1.1 204 No Content"), _resp(b"HTTP/1.1 404 Not Found|Content-Length: 3", b"nop")):
+        assert _assert_whole_agrees("get", data), data
+    assert _assert_whole_agrees("head", _resp(b"HTTP/1.1 200 OK|Content-Length: 99"))
+    for data in (
+        VALID["cl"][:-1],  # body not all there
+        VALID["cl"] + b"x",  # more than one response
+        _chunked(b"3\r\nabc\r\n0\r\n\r\n"),
+        _resp(b"HTTP/1.1 200 OK"),  # close-delimited
+        _resp(b"HTTP/1.1 200 OK|Content-Length: 2|Connection: close", b"ok"),
+        _resp(b"HTTP/1.0 200 OK|Content-Length: 2", b"ok"),
+        _resp(b"HTTP/1.1 100 Continue") + VALID["cl"],
+    ):
+        assert not _assert_whole_agrees("get", data), data
+    assert not _assert_whole_agrees("upgrade", _resp(b"HTTP/1.1 200 OK|Content-Length: 2", b"ok"))
+    fast = _fast(16384)  # nothing was asked: nothing is taken
+    assert fast.receive_whole(VALID["cl"]) is None
+
+
+@_settings
+@given(data=st.data(), raw=mutated(_SEEDS, _NASTY))
+def test_receive_whole_agrees_on_mutated_responses(data: st.DataObject, raw: bytes) -> None:
+    _assert_whole_agrees(data.draw(st.sampled_from(WHOLE_REQUESTS)), raw)
+
+
+@_settings
+@given(data=st.data(), raw=_generated_response())
+def test_receive_whole_agrees_on_generated_responses(data: st.DataObject, raw: bytes) -> None:
+    _assert_whole_agrees(data.draw(st.sampled_from(WHOLE_REQUESTS)), raw)

@@ -238,6 +238,44 @@ class FastClientConnection(_H11Cycle):
                 raise _RemoteError(str(exc), error_status_hint=exc.error_status_hint) from None
             raise
 
+    def receive_whole(self, data: bytes) -> tuple[h11.Response, bytes] | None:
+        """The common case in one call: when `data` is exactly one whole final response to the
+        request just sent (bodiless by status or method, or with a Content-Length its body
+        fills; keep-alive), returns it and its body, with the states moved on as
+        ``receive_data(data)`` and taking Response, Data and EndOfMessage would. Otherwise
+        returns None and changes nothing: feed the bytes the ordinary way.
+
+        What it saves is the buffering between events (a copy in and out of the receive buffer
+        and three trips through next_event); the head is parsed by the same code."""
+        if self._s is not _SEND_RESPONSE or self._c is not _DONE or self._buf or self._closed:
+            return None
+        if self._upgrade_proposed or self._connect_proposed:
+            return None
+        m = _HEAD_END.search(data)
+        if m is None:
+            return None
+        end = m.end()
+        parsed = self._fast_head(data[:end])
+        if parsed is None:
+            return None
+        event, chunked, content_length, close = parsed
+        status = event.status_code
+        if status < 200 or chunked or close or type(event) is not _Response:
+            return None
+        if status == 204 or status == 304 or self._request_method == b"HEAD":
+            length = 0
+        elif content_length is None:
+            return None  # close-delimited
+        else:
+            length = int(content_length)
+        if len(data) - end != length:
+            return None  # more to come, or bytes of a next response
+        self._head_received(event, status, False, content_length, False)
+        self._remaining = 0
+        self._s = _DONE
+        self._fire()
+        return event, data[end:]
+
     def _connection_closed(self) -> h11.ConnectionClosed:
         s = self._s
         if s is _SEND_RESPONSE:

@@ -42,6 +42,7 @@ import h11
 from h11._headers import Headers as _H11Headers  # private: see _request_event
 
 from edgeproxy.http.h1fast import _TCHAR, data_event
+from edgeproxy.http.h1fast_client import FastClientConnection
 from edgeproxy.http.messages import (
     Body,
     BodyError,
@@ -113,8 +114,6 @@ def codec_factory(parser: str) -> Callable[[int], Codec]:
     if parser == "h11":
         return lambda limit: h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
     if parser == "httptools":
-        from edgeproxy.http.h1fast_client import FastClientConnection
-
         return lambda limit: FastClientConnection(max_incomplete_event_size=limit)
     raise ValueError(f"unknown HTTP/1.1 parser {parser!r}")
 
@@ -364,6 +363,10 @@ class OriginConnection:
         self._proto = protocol
         parser = codec or DEFAULT_CODEC
         self._codec: Codec = codec_factory(parser)(MAX_HEAD_BYTES)
+        # The same object, natively typed, when it is ours (see whole_response_nowait).
+        self._fast: FastClientConnection | None = (
+            self._codec if isinstance(self._codec, FastClientConnection) else None
+        )
         # h11 hands out bytearrays; the response head we build always holds bytes.
         self._copy_fields = parser == "h11"
         self._host = server.encode()
@@ -649,6 +652,24 @@ class OriginConnection:
             else:
                 headers = [(name, value) for _, name, value in items]
             return ResponseHead(ev.status_code, headers, bytes(ev.reason))
+
+    def whole_response_nowait(self) -> tuple[ResponseHead, bytes] | None:
+        """When what has arrived is exactly one whole response (the codec's `receive_whole`),
+        takes it: its head and body, the connection free for its pool again. None: nothing
+        taken, use `head_nowait` and `body_nowait`."""
+        fast = self._fast
+        chunks = self._proto._chunks
+        if fast is None or self._early_head is not None or len(chunks) != 1:
+            return None
+        got = fast.receive_whole(chunks[0])
+        if got is None:
+            return None
+        self._proto.take()
+        event, body = got
+        self._in_head_phase = False
+        self._finish_cycle()
+        headers = [(name, value) for _, name, value in event.headers._full_items]
+        return ResponseHead(event.status_code, headers, event.reason), body
 
     def body_nowait(self, chunks: list[bytes]) -> bool:
         """Appends the body bytes already received to `chunks`; True if they reach the end of
