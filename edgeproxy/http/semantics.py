@@ -59,28 +59,61 @@ def origin_request_headers(head: RequestHead, pop_id: str, *, upgrade: bool = Fa
     Hop-by-hop fields and Host go (the origin client writes Host from `head.authority`); Via,
     X-Forwarded-For/-Proto/-Host, Forwarded (RFC 7239) and X-Request-Id are appended to what the
     client sent, so chains of proxies stay visible."""
-    keep = frozenset({b"upgrade", b"connection"}) if upgrade else frozenset()
-    out = [(k, v) for k, v in strip_hop_by_hop(head.headers, keep=keep) if k != b"host"]
+    headers = head.headers
+    named = header_list(headers, b"connection")
+    drop = _ORIGIN_DROP if not named else _ORIGIN_DROP | {n.lower() for n in named}
     if upgrade:
-        out = [(k, v) for k, v in out if k != b"connection"] + [(b"connection", b"upgrade")]
+        drop = drop - {b"upgrade"}
+    out: Headers = []
+    xff: list[bytes] = []
+    for k, v in headers:
+        if k in drop:
+            continue
+        if k == b"x-forwarded-for":
+            xff.append(v)
+        else:
+            out.append((k, v))
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
     client_ip = head.client_addr[0]
-    proto = "HTTP/3" if head.http_version == "3" else f"HTTP/{head.http_version}"
-    xff = [v for k, v in out if k == b"x-forwarded-for"]
-    out = [(k, v) for k, v in out if k not in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id")]
-    out.append((b"x-forwarded-for", b", ".join([*xff, client_ip.encode()]) if client_ip else b", ".join(xff)))
-    out.append((b"x-forwarded-proto", head.scheme.encode()))
-    if head.authority:
-        out.append((b"x-forwarded-host", head.authority))
-    forwarded = f"for={_forwarded_node(client_ip)};proto={head.scheme}"
-    if head.authority:
-        host = head.authority.decode("latin-1").replace('"', "")
-        forwarded += f';host="{host}"'
-    forwarded += f";by={_forwarded_node(pop_id)}"
-    out.append((b"forwarded", forwarded.encode("latin-1")))
-    out.append((b"via", f"{proto.removeprefix('HTTP/')} {pop_id}".encode()))
+    own_xff, tail = _forwarding_fields(client_ip, head.scheme, head.authority, head.http_version, pop_id)
+    out.append((b"x-forwarded-for", b", ".join([*xff, own_xff]) if xff and own_xff else b", ".join(xff) if xff else own_xff))
+    out += tail
     if head.request_id:
         out.append((b"x-request-id", head.request_id.encode()))
     return out
+
+
+# What origin_request_headers drops from the client's fields (Connection and Upgrade included;
+# X-Forwarded-For is merged, the others are the edge's to set).
+_ORIGIN_DROP = HOP_BY_HOP | {b"host", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
+
+# (client ip, scheme, authority, version, pop id) -> the client's X-Forwarded-For element and the
+# fields after X-Forwarded-For: the same for every request of a connection. Bounded.
+_FORWARDING: dict[tuple[str, str, bytes, str, str], tuple[bytes, Headers]] = {}
+
+
+def _forwarding_fields(client_ip: str, scheme: str, authority: bytes, http_version: str, pop_id: str) -> tuple[bytes, Headers]:
+    key = (client_ip, scheme, authority, http_version, pop_id)
+    got = _FORWARDING.get(key)
+    if got is not None:
+        return got
+    tail: Headers = [(b"x-forwarded-proto", scheme.encode())]
+    if authority:
+        tail.append((b"x-forwarded-host", authority))
+    forwarded = f"for={_forwarded_node(client_ip)};proto={scheme}"
+    if authority:
+        host = authority.decode("latin-1").replace('"', "")
+        forwarded += f';host="{host}"'
+    forwarded += f";by={_forwarded_node(pop_id)}"
+    tail.append((b"forwarded", forwarded.encode("latin-1")))
+    proto = "3" if http_version == "3" else http_version
+    tail.append((b"via", f"{proto} {pop_id}".encode()))
+    got = (client_ip.encode(), tail)
+    if len(_FORWARDING) >= 4096:
+        _FORWARDING.clear()
+    _FORWARDING[key] = got
+    return got
 
 
 def edge_static_headers(
