@@ -204,7 +204,7 @@ class OriginGroup:
             self.servers.append(GroupServer(name, host, port, health, pool))
             self._m_healthy.set(self.name, name, value=1.0)
         self._health = [s.health for s in self.servers]
-        metrics.add_collector(self._collect_connections)
+        metrics.add_collector(self._collect)
         self._rr = 0
         self._panic = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -415,15 +415,15 @@ class OriginGroup:
                 self.name,
                 self.section.passive.eject_seconds,
             )
-        self._set_gauge(srv, now)
 
-    def _collect_connections(self) -> None:
+    def _collect(self) -> None:
+        """Per-server gauges, read when metrics are scraped rather than kept up to date on
+        every request."""
+        now = self._clock()
         for srv in self.servers:
+            self._m_healthy.set(self.name, srv.name, value=1.0 if srv.health.available(now) else 0.0)
             self._m_connections.set(self.name, srv.name, "idle", value=srv.pool.idle_count)
             self._m_connections.set(self.name, srv.name, "busy", value=srv.pool.busy_count)
-
-    def _set_gauge(self, srv: GroupServer, now: float) -> None:
-        self._m_healthy.set(self.name, srv.name, value=1.0 if srv.health.available(now) else 0.0)
 
     def _note_panic(self, panic: bool) -> None:
         if panic != self._panic:
@@ -443,7 +443,6 @@ class OriginGroup:
             except Exception:  # a bug in probing must not silently stop the checks
                 log.exception("health probe of %s crashed", srv.name)
                 ok, why = False, "probe crashed"
-            now = self._clock()
             if srv.health.record_probe(ok):
                 log.warning(
                     "origin %s in group %s is now %s (%s)",
@@ -452,7 +451,6 @@ class OriginGroup:
                     "healthy" if srv.health.healthy else "unhealthy",
                     why,
                 )
-            self._set_gauge(srv, now)
             # Jitter keeps the workers of a PoP from probing an origin in lockstep.
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
 

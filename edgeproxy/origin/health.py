@@ -135,6 +135,8 @@ def choose(
         raise ValueError("choose() needs at least one server")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}")
+    if not tried and all(s.available(now) for s in servers):  # the common case, without lists
+        return Choice(0 if policy == "failover" else rr_counter % len(servers), False)
     up = [i for i, s in enumerate(servers) if s.available(now)]
     panic = not up
     pool = up if up else list(range(len(servers)))

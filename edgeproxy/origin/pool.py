@@ -140,7 +140,7 @@ class OriginPool:
         self._prune_waiters()
         if self._waiters:
             return None
-        return self._take_idle(asyncio.get_running_loop().time())
+        return self._take_idle(self._idle[-1].now())  # the loop's clock, as idle_since
 
     def release(self, conn: OriginConnection) -> None:
         """Return a connection after its response is done; keeps it only if it is reusable."""
