@@ -139,6 +139,14 @@ def data_event(data: bytes) -> h11.Data:
     return event
 
 
+def prevalidated_headers(items: list[tuple[bytes, bytes, bytes]]) -> Headers:
+    """h11's Headers over already normalised `items` (raw name, lowercase name, value), without
+    running its interpreted constructor (it only stores the list)."""
+    headers = object.__new__(Headers)
+    _setattr(headers, "_full_items", items)
+    return headers
+
+
 def prevalidated_response(
     items: list[tuple[bytes, bytes, bytes]], status: int, reason: bytes, version: bytes = b"1.1"
 ) -> h11.Response | h11.InformationalResponse:
@@ -149,7 +157,7 @@ def prevalidated_response(
         _Informational if status < 200 else _Response
     )
     event = object.__new__(cls)
-    _setattr(event, "headers", Headers(items))
+    _setattr(event, "headers", prevalidated_headers(items))
     _setattr(event, "http_version", version)
     _setattr(event, "reason", reason)
     _setattr(event, "status_code", status)
@@ -728,7 +736,7 @@ class FastServerConnection(_H11Cycle):
         req = object.__new__(_Request)
         _setattr(req, "method", method)
         _setattr(req, "target", target)
-        _setattr(req, "headers", Headers(items))
+        _setattr(req, "headers", prevalidated_headers(items))
         _setattr(req, "http_version", version)
         return req, (
             chunked,

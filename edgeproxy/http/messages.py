@@ -45,33 +45,65 @@ def header_list(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[byt
     return out
 
 
-@dataclass(slots=True)
+# The message classes spell out __init__ (init=False): the dataclass-generated one would be
+# interpreted even where this module is compiled, on every request.
+
+
+@dataclass(slots=True, init=False)
 class RequestHead:
     method: bytes
     target: bytes  # origin-form: path and query, e.g. b"/a?b=1"
     headers: Headers
-    scheme: str = "http"  # the scheme the client used at the edge: "http" or "https"
-    authority: bytes = b""  # Host header (HTTP/1.1) or :authority (HTTP/3)
-    http_version: str = "1.1"  # "1.0", "1.1" or "3"
-    client_addr: tuple[str, int] = ("", 0)
-    request_id: str = ""
+    scheme: str  # the scheme the client used at the edge: "http" or "https"
+    authority: bytes  # Host header (HTTP/1.1) or :authority (HTTP/3)
+    http_version: str  # "1.0", "1.1" or "3"
+    client_addr: tuple[str, int]
+    request_id: str
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        scheme: str = "http",
+        authority: bytes = b"",
+        http_version: str = "1.1",
+        client_addr: tuple[str, int] = ("", 0),
+        request_id: str = "",
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.scheme = scheme
+        self.authority = authority
+        self.http_version = http_version
+        self.client_addr = client_addr
+        self.request_id = request_id
 
     @property
     def path(self) -> bytes:
         return self.target.split(b"?", 1)[0]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ResponseHead:
     status: int
-    headers: Headers = field(default_factory=list)
-    reason: bytes = b""
+    headers: Headers
+    reason: bytes
     # A head reused across requests (a cached entry's rendering) lets front ends keep their
     # protocol-specific form of it here; never set on a head that is built per request.
-    memo: dict[str, object] | None = field(default=None, compare=False, repr=False)
+    memo: dict[str, object] | None = field(compare=False, repr=False)
+
+    def __init__(
+        self, status: int, headers: Headers | None = None, reason: bytes = b"", memo: dict[str, object] | None = None
+    ) -> None:
+        self.status = status
+        self.headers = [] if headers is None else headers
+        self.reason = reason
+        self.memo = memo
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class FreshResponse:
     """A response the cache can give at once: `head` is shared between requests (never mutate
     it), `extra` the per-request fields (Age, X-Request-Id) that go after its fields."""
@@ -79,6 +111,11 @@ class FreshResponse:
     head: ResponseHead
     extra: Headers
     body: bytes
+
+    def __init__(self, head: ResponseHead, extra: Headers, body: bytes) -> None:
+        self.head = head
+        self.extra = extra
+        self.body = body
 
 
 class HTTPError(Exception):

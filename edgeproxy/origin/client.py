@@ -39,9 +39,8 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import h11
-from h11._headers import Headers as _H11Headers  # private: see _request_event
 
-from edgeproxy.http.h1fast import _TCHAR, data_event
+from edgeproxy.http.h1fast import _TCHAR, data_event, prevalidated_headers
 from edgeproxy.http.h1fast_client import FastClientConnection
 from edgeproxy.http.messages import (
     Body,
@@ -172,7 +171,7 @@ def _request_event(head: RequestHead, host: bytes, body_length: int | None) -> h
     req = object.__new__(h11.Request)
     object.__setattr__(req, "method", method)
     object.__setattr__(req, "target", target)
-    object.__setattr__(req, "headers", _H11Headers(items))
+    object.__setattr__(req, "headers", prevalidated_headers(items))
     object.__setattr__(req, "http_version", b"1.1")
     return req
 

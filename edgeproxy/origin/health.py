@@ -109,11 +109,24 @@ class ServerHealth:
         return self.healthy and not self.ejected(now)
 
 
-@dataclass(frozen=True, slots=True)
 class Choice:
-    index: int
-    panic: bool
-    """No server was available: the pick is among all servers."""
+    """The server picked (an index), and whether no server was available so the pick is among
+    all servers (panic). A plain class: compiled, it is built without interpreted code."""
+
+    __slots__ = ("index", "panic")
+
+    def __init__(self, index: int, panic: bool) -> None:
+        self.index = index
+        self.panic = panic
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Choice) and (self.index, self.panic) == (other.index, other.panic)
+
+    def __hash__(self) -> int:
+        return hash((self.index, self.panic))
+
+    def __repr__(self) -> str:
+        return f"Choice(index={self.index}, panic={self.panic})"
 
 
 def choose(
