@@ -1061,3 +1061,61 @@ def test_receive_whole_agrees_on_mutated_responses(data: st.DataObject, raw: byt
 @given(data=st.data(), raw=_generated_response())
 def test_receive_whole_agrees_on_generated_responses(data: st.DataObject, raw: bytes) -> None:
     _assert_whole_agrees(data.draw(st.sampled_from(WHOLE_REQUESTS)), raw)
+
+
+# -- send_bodiless: a bodiless request in one call ------------------------------------------
+
+_REQ_NAMES = [b"Host", b"Accept", b"X-A", b"Connection", b"Upgrade", b"Expect", b"Content-Length", b"Transfer-Encoding", b"User-Agent"]
+_REQ_VALUES = [b"a", b"close", b"keep-alive", b"websocket", b"100-continue", b"0", b"5", b"chunked", b""]
+
+
+def _bodiless_agrees(method: bytes, target: bytes, fields: list[tuple[bytes, bytes]], *, second_cycle: bool) -> bool:
+    items = [(raw, raw.lower(), value) for raw, value in fields]
+    fast = _fast(16384)
+    slow = _h11(16384)
+    if second_cycle:  # the usual case: a keep-alive connection that served a response before
+        for conn in (fast, slow):
+            send_events(conn, Trace(), REQUESTS["get"])
+            conn.receive_data(OK)
+            while conn.next_event() is not h11.PAUSED and conn.their_state is not h11.DONE:
+                pass
+            conn.start_next_cycle()
+    before = states(fast)
+    out = fast.send_bodiless(method, target, items)
+    if out is None:
+        assert states(fast) == before
+        return False
+    expected = slow.send(h11.Request(method=method, target=target, headers=fields))
+    expected = (expected or b"") + (slow.send(h11.EndOfMessage()) or b"")
+    assert out == expected
+    assert states(fast) == states(slow)
+    assert fast.client_is_waiting_for_100_continue == slow.client_is_waiting_for_100_continue
+    # Both then read the same response the same way.
+    fast.receive_data(VALID["cl"])
+    slow.receive_data(VALID["cl"])
+    assert _event(fast.next_event()) == _event(slow.next_event())
+    return True
+
+
+def test_send_bodiless_takes_the_common_requests_only() -> None:
+    assert _bodiless_agrees(b"GET", b"/a?b=1", [(b"Host", b"o.test"), (b"Accept", b"*/*")], second_cycle=True)
+    assert _bodiless_agrees(b"HEAD", b"/", [(b"host", b"o.test")], second_cycle=False)
+    assert not _bodiless_agrees(b"GET", b"/", [(b"Host", b"o"), (b"Connection", b"close")], second_cycle=False)
+    assert not _bodiless_agrees(b"POST", b"/", [(b"Host", b"o"), (b"Content-Length", b"0")], second_cycle=False)
+    assert not _bodiless_agrees(b"CONNECT", b"o:443", [(b"Host", b"o")], second_cycle=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.sampled_from([b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"POST", b"CONNECT"]),
+    target=st.sampled_from([b"/", b"/a?b=1", b"*", b"o.test:443"]),
+    fields=st.lists(st.tuples(st.sampled_from(_REQ_NAMES), st.sampled_from(_REQ_VALUES)), max_size=5),
+    second_cycle=st.booleans(),
+)
+def test_send_bodiless_agrees_with_h11(method: bytes, target: bytes, fields: list[tuple[bytes, bytes]], second_cycle: bool) -> None:
+    fields = [(b"Host", b"o.test"), *fields]
+    try:
+        h11.Request(method=method, target=target, headers=fields)
+    except h11.LocalProtocolError:
+        return  # not a request h11 would send at all
+    _bodiless_agrees(method, target, fields, second_cycle=second_cycle)

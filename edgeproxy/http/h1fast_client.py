@@ -109,6 +109,11 @@ _CLIENT_TRANSITIONS: dict[_State, dict[type, _State]] = {
     _CLOSED: {_ConnectionClosed: _CLOSED},
 }
 
+# Request fields that change how h11 frames a request or what it expects next.
+_ANNOUNCING_FIELDS = frozenset(
+    (b"connection", b"upgrade", b"expect", b"content-length", b"transfer-encoding")
+)
+
 # Response body readers (h11's "content-length", "chunked" and "http/1.0" framings).
 _R_LENGTH = 0
 _R_CHUNKED = 1
@@ -552,6 +557,28 @@ class FastClientConnection(_H11Cycle):
         if version != b"1.1":
             raise _LocalError("I only send HTTP/1.1")
         out = [b"%s %s HTTP/1.1\r\n" % (method, req.target)]
+        _write_fields(out, items)
+        return b"".join(out)
+
+    def send_bodiless(
+        self, method: bytes, target: bytes, items: list[tuple[bytes, bytes, bytes]]
+    ) -> bytes | None:
+        """``send(Request(...)) + send(EndOfMessage())`` in one call, for the common request:
+        no body by h11's framing and nothing proposed or announced (no Connection, Upgrade,
+        Expect, Content-Length or Transfer-Encoding field; not CONNECT), sent on an idle
+        connection. The same bytes and states; None, with nothing changed, for any other."""
+        if self._c is not _IDLE or self._s is not _IDLE or method == b"CONNECT":
+            return None
+        for _raw, name, _value in items:
+            if name in _ANNOUNCING_FIELDS:
+                return None
+        self._c = _DONE
+        self._s = _SEND_RESPONSE
+        self._request_method = method
+        self._out_mode = _W_LENGTH
+        self._out_left = 0
+        self._fire()
+        out = [b"%s %s HTTP/1.1\r\n" % (method, target)]
         _write_fields(out, items)
         return b"".join(out)
 

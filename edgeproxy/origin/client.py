@@ -43,6 +43,7 @@ import h11
 from edgeproxy.http.h1fast import _TCHAR, data_event, prevalidated_headers
 from edgeproxy.http.h1fast_client import FastClientConnection
 from edgeproxy.http.messages import (
+    IDEMPOTENT_METHODS,
     Body,
     BodyError,
     HTTPError,
@@ -127,7 +128,18 @@ def _bad_field(items: list[tuple[bytes, bytes, bytes]]) -> str:
 
 
 def _request_event(head: RequestHead, host: bytes, body_length: int | None) -> h11.Request:
-    """The h11 Request for `head`, with Host first and framing from `body_length`.
+    """The h11 Request for `head` (see `_request_items`)."""
+    req = object.__new__(h11.Request)
+    object.__setattr__(req, "method", head.method)
+    object.__setattr__(req, "target", head.target)
+    object.__setattr__(req, "headers", prevalidated_headers(_request_items(head, host, body_length)))
+    object.__setattr__(req, "http_version", b"1.1")
+    return req
+
+
+def _request_items(head: RequestHead, host: bytes, body_length: int | None) -> list[tuple[bytes, bytes, bytes]]:
+    """The fields of the request for `head` as h11 keeps them (raw name, lowercase name,
+    value), Host first and framing from `body_length`.
 
     Built without h11's constructor, whose per-field regex validation cost about as much as the
     rest of the request path. The fields come from the front ends' parsers (h11 / llhttp for
@@ -143,7 +155,7 @@ def _request_event(head: RequestHead, host: bytes, body_length: int | None) -> h
     """
     method = head.method
     target = head.target
-    if _METHOD.fullmatch(method) is None:
+    if method not in IDEMPOTENT_METHODS and _METHOD.fullmatch(method) is None:
         raise HTTPError(400, f"request cannot be forwarded: illegal method {method!r}")
     if _TARGET.fullmatch(target) is None:
         raise HTTPError(400, f"request cannot be forwarded: illegal target {target!r}")
@@ -168,12 +180,7 @@ def _request_event(head: RequestHead, host: bytes, body_length: int | None) -> h
         or b"\0" in values
     ):
         raise HTTPError(400, f"request cannot be forwarded: {_bad_field(items)}")
-    req = object.__new__(h11.Request)
-    object.__setattr__(req, "method", method)
-    object.__setattr__(req, "target", target)
-    object.__setattr__(req, "headers", prevalidated_headers(items))
-    object.__setattr__(req, "http_version", b"1.1")
-    return req
+    return items
 
 
 class OriginError(Exception):
@@ -591,12 +598,14 @@ class OriginConnection:
         self._busy = True
         self._reused = self.requests_completed > 0
         try:
-            request = _request_event(head, head.authority or self._host, 0)
+            host = head.authority or self._host
             self._rx_mark = self._proto.bytes_received
             self._in_head_phase = True
             self._early_head = None
+            fast = self._fast
+            sent = None if fast is None else fast.send_bodiless(head.method, head.target, _request_items(head, host, 0))
             try:
-                data = self._encode(request) + self._encode(_EOM)
+                data = sent if sent is not None else self._encode(_request_event(head, host, 0)) + self._encode(_EOM)
             except h11.LocalProtocolError as e:
                 raise HTTPError(400, f"request cannot be forwarded: {e}") from None
             if not self._proto.write_soon(data):
