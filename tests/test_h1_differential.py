@@ -14,6 +14,7 @@ generated heads. The send side is also compared on scripted responses and genera
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -981,3 +982,103 @@ def test_generated_responses_agree(
         h11.EndOfMessage(headers=[(b"X-T", b"1")] if trailers else []),
     ]
     assert _script(_fast, request, events) == _script(_h11, request, events)
+
+
+# -- send_whole: a whole response in one call ------------------------------------------------
+
+WHOLE_REQUESTS = {
+    "get": GET,
+    "get_browser": BROWSER_GET,
+    "head": _req(b"HEAD / HTTP/1.1|Host: a"),
+    "http10": _req(b"GET / HTTP/1.0"),
+    "close": _req(b"GET / HTTP/1.1|Host: a|Connection: close"),
+    "upgrade": _req(b"GET / HTTP/1.1|Host: a|Upgrade: websocket|Connection: upgrade"),
+    "post": _req(b"POST / HTTP/1.1|Host: a|Content-Length: 2", b"hi"),
+    "expect": _req(b"POST / HTTP/1.1|Host: a|Content-Length: 2|Expect: 100-continue", b"hi"),
+    "half": _req(b"POST / HTTP/1.1|Host: a|Content-Length: 4", b"hi"),  # body not all read
+}
+
+
+def _read_request(conn: Any, data: bytes, eof: bool) -> bool:
+    """Reads what the request sends; False if that is a protocol error (no response then)."""
+    conn.receive_data(data)
+    if eof:
+        conn.receive_data(b"")
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            return False
+        if event is h11.NEED_DATA or event is h11.PAUSED or type(event) in (h11.EndOfMessage, h11.ConnectionClosed):
+            return True
+
+
+def _whole_agrees(request: str, status: int, reason: bytes, fields: list[tuple[bytes, bytes]], body: bytes, *, eof: bool = False) -> bool:
+    fast = _fast(16384)
+    slow = _h11(16384)
+    if not all([_read_request(conn, WHOLE_REQUESTS[request], eof) for conn in (fast, slow)]):
+        return False
+    assert states(fast) == states(slow)
+    before = states(fast)
+    items = [(raw, raw.lower(), value) for raw, value in fields]
+    out = fast.send_whole(status, reason, items, body)
+    if out is None:
+        assert states(fast) == before
+        return False
+    expected = slow.send(h11.Response(status_code=status, headers=fields, reason=reason)) or b""
+    expected += slow.send(h11.Data(data=body)) or b""
+    expected += slow.send(h11.EndOfMessage()) or b""
+    assert out == expected
+    assert states(fast) == states(slow)
+    assert fast.they_are_waiting_for_100_continue == slow.they_are_waiting_for_100_continue
+    if fast.our_state is h11.DONE and fast.their_state is h11.DONE:
+        fast.start_next_cycle()
+        slow.start_next_cycle()
+        assert states(fast) == states(slow)
+    return True
+
+
+def test_send_whole_takes_the_common_responses_only() -> None:
+    cl = [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5")]
+    assert _whole_agrees("get", 200, b"OK", cl, b"hello")
+    assert _whole_agrees("get_browser", 404, b"Not Found", cl, b"nopes")
+    assert _whole_agrees("post", 201, b"", [(b"content-length", b"0")], b"")
+    assert _whole_agrees("get", 200, b"OK", cl, b"hello", eof=True)  # half-closed client
+    assert _whole_agrees("half", 200, b"OK", cl, b"hello")  # as h11: answering before the body
+    for request in ("head", "http10", "close", "upgrade"):
+        assert not _whole_agrees(request, 200, b"OK", cl, b"hello"), request
+    for fields in (
+        [(b"Content-Length", b"4")],  # not the body's length
+        [(b"Content-Length", b"5"), (b"Content-Length", b"5")],
+        [(b"Transfer-Encoding", b"chunked")],
+        [(b"Content-Length", b"5"), (b"Connection", b"keep-alive")],
+        [],
+    ):
+        assert not _whole_agrees("get", 200, b"OK", fields, b"hello"), fields
+    for status in (204, 304, 101, 100):
+        assert not _whole_agrees("get", status, b"", [(b"Content-Length", b"0")], b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    request=st.sampled_from(sorted(WHOLE_REQUESTS)),
+    status=st.sampled_from([200, 201, 204, 206, 301, 304, 404, 500, 503, 599, 999]),
+    reason=st.sampled_from([b"OK", b"", b"Whatever It Is"]),
+    fields=st.lists(
+        st.tuples(
+            st.sampled_from([b"Content-Length", b"content-length", b"X-A", b"Connection", b"Transfer-Encoding", b"Host", b"Vary"]),
+            st.sampled_from([b"0", b"3", b"5", b"close", b"chunked", b"a", b"3, 3"]),
+        ),
+        max_size=4,
+    ),
+    body=st.sampled_from([b"", b"abc", b"hello"]),
+    eof=st.booleans(),
+)
+def test_send_whole_agrees_with_h11(request: str, status: int, reason: bytes, fields: list[tuple[bytes, bytes]], body: bytes, eof: bool) -> None:
+    try:
+        h11.Response(status_code=status, headers=fields, reason=reason)
+    except h11.LocalProtocolError:
+        return  # not a response h11 would send at all
+    # h11 refusing the sequence (a body it would not frame) is fine: send_whole declined it.
+    with contextlib.suppress(h11.LocalProtocolError):
+        _whole_agrees(request, status, reason, fields, body, eof=eof)

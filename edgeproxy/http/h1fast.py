@@ -813,6 +813,41 @@ class FastServerConnection(_H11Cycle):
         self._s = new
         self._fire()
 
+    def send_whole(
+        self, status: int, reason: bytes, items: list[tuple[bytes, bytes, bytes]], body: bytes
+    ) -> bytes | None:
+        """``send(Response(...)) + send(Data(body)) + send(EndOfMessage())`` in one call, for the
+        common response: a final status with a body (not 204 or 304, not to HEAD) that one
+        Content-Length, equal to len(body), frames; no Connection or Transfer-Encoding field; an
+        HTTP/1.1 client and a connection that stays open; nothing proposed. The same bytes and
+        states; None, with nothing changed, for any other."""
+        if self._s is not _SEND_RESPONSE or self._upgrade_proposed or self._connect_proposed:
+            return None
+        if not self._keep_alive or status < 200 or status == 204 or status == 304 or status > 999:
+            return None
+        version = self.their_http_version
+        if version is None or version < b"1.1" or self._request_method == b"HEAD":
+            return None
+        length: bytes | None = None
+        for _raw, name, value in items:
+            if name == b"content-length":
+                if length is not None:
+                    return None
+                length = value
+            elif name == b"connection" or name == b"transfer-encoding":
+                return None
+        if length is None or not length.isdigit() or int(length) != len(body):
+            return None
+        self._s = _DONE
+        self._out_mode = _W_LENGTH
+        self._out_left = 0
+        self.client_is_waiting_for_100_continue = False
+        self._fire()
+        out = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        _write_fields(out, items)
+        out.append(body)
+        return b"".join(out)
+
     def _send_data(self, data: bytes) -> bytes:
         if self._s is not _SEND_BODY:
             self._server_transition(_Data)

@@ -26,7 +26,7 @@ from ..config import LimitsSection
 from ..metrics import Registry
 from ..tick import TickFlusher
 from .errors import reason
-from .h1fast import data_event, prevalidated_response
+from .h1fast import FastServerConnection, data_event, prevalidated_response
 from .handler import DirectExchange, RequestHandler
 from .messages import (
     Body,
@@ -258,6 +258,10 @@ class H1Protocol(asyncio.Protocol):
         self.handler = server.handler
         self.limits = server.limits
         self.codec: Codec = server.new_codec(server.limits.max_header_bytes)
+        # The same object, natively typed, when it is ours (see direct_respond).
+        self._fast: FastServerConnection | None = (
+            self.codec if isinstance(self.codec, FastServerConnection) else None
+        )
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_addr: tuple[str, int] = ("", 0)
@@ -583,10 +587,17 @@ class H1Protocol(asyncio.Protocol):
         self.busy = False
         if self.closed:
             return
-        out = self.response_bytes(head)
-        if body:
-            out += self.codec.send(data_event(body)) or b""
-        self._queue(out + (self.codec.send(_EOM) or b""))
+        fast = self._fast
+        whole = None
+        if fast is not None and not self.must_close and not self.server.draining:
+            items = [(k, k.lower(), v) for k, v in head.headers]
+            whole = fast.send_whole(head.status, head.reason or reason(head.status), items, body)
+        if whole is None:
+            whole = self.response_bytes(head)
+            if body:
+                whole += self.codec.send(data_event(body)) or b""
+            whole += self.codec.send(_EOM) or b""
+        self._queue(whole)
         self.resume_reading()
         if self._next_cycle():
             self._process()
