@@ -20,7 +20,8 @@ def pytest_configure(config: pytest.Config) -> None:
     stale = [
         str(so.relative_to(root))
         for so in (root / "edgeproxy").rglob("*.cpython-*.so")
-        if so.with_name(so.name.split(".", 1)[0] + ".py").stat().st_mtime > so.stat().st_mtime
+        for source in (so.with_name(so.name.split(".", 1)[0] + ".py"), so.with_name(so.name.split(".", 1)[0] + ".c"))
+        if source.exists() and source.stat().st_mtime > so.stat().st_mtime
     ]
     if stale:
         pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; rebuild with ./run setup", returncode=4)

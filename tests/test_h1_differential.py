@@ -871,13 +871,16 @@ def test_second_switch() -> None:
 
 
 def test_llhttp_is_as_strict_as_assumed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The installed httptools passes the import-time probe (else everything would go to h11),
-    and with the fast path switched off the results are still h11's."""
+    """The installed httptools passes the import-time probe (else every head that is not plain
+    would go to h11), and with llhttp switched off the results are still h11's: plain heads are
+    tokenised in C (when built), the others go to h11."""
     from edgeproxy.http import h1fast
 
     assert h1fast._LLHTTP_STRICT
     monkeypatch.setattr(h1fast, "_LLHTTP_STRICT", False)
-    assert FastServerConnection()._fast_head(GET) is None
+    built = h1fast.plain_fields(GET) is not None
+    assert (FastServerConnection()._fast_head(GET) is not None) == built
+    assert FastServerConnection()._fast_head(b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n") is None
     for name in (
         "get_browser",
         "chunked_trailers",
@@ -1082,3 +1085,70 @@ def test_send_whole_agrees_with_h11(request: str, status: int, reason: bytes, fi
     # h11 refusing the sequence (a body it would not frame) is fine: send_whole declined it.
     with contextlib.suppress(h11.LocalProtocolError):
         _whole_agrees(request, status, reason, fields, body, eof=eof)
+
+
+# -- the C field tokeniser (_fields.c) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"X-Bad Name: v\r\n",  # a space in a name
+        b"X: a\nY: b\r\n",  # bare LF
+        b"X: a\r\n b\r\n",  # obs-fold
+        b"X: a\rb\r\n",  # bare CR
+        b"X : a\r\n",  # whitespace before the colon
+        b": a\r\n",  # empty name
+        b"X\r\n",  # no colon
+        b"X: a\x7fb\r\n",  # DEL: h11 takes it, the plain shape does not
+        b"X: a\x00b\r\n",  # NUL
+        b"X: a\x0bb\r\n",  # VT
+    ],
+)
+def test_plain_fields_refuses_other_shapes(fields: bytes) -> None:
+    from edgeproxy.http.h1fast import plain_fields
+
+    if plain_fields(GET) is None:
+        pytest.skip("built without C extensions (EDGEPROXY_PURE_PYTHON=1)")
+    assert plain_fields(b"GET / HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n") is None
+    assert plain_fields(b"GET / HTTP/1.1\r\n" + fields + b"Host: a\r\n\r\n") is None
+
+
+def test_plain_fields_reads_as_h11() -> None:
+    from edgeproxy.http.h1fast import plain_fields
+
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Long-" + b"N" * 300 + b":  a \t b\t \r\nE:\r\nUpgrade: \x80\xff\r\n\r\n"
+    got = plain_fields(head)
+    if got is None:
+        pytest.skip("built without C extensions (EDGEPROXY_PURE_PYTHON=1)")
+    items, special = got
+    name = b"X-Long-" + b"N" * 300
+    assert items == [(b"Host", b"host", b"a"), (name, name.lower(), b"a \t b"), (b"E", b"e", b""), (b"Upgrade", b"upgrade", b"\x80\xff")]
+    assert special == [0, 3]
+    assert plain_fields(b"GET / HTTP/1.1\r\n\r\n") == ([], [])
+    assert plain_fields(b"GET / HTTP/1.1\r\nHost: a\r\n\r") is None  # not a whole head
+    slow = h11.Connection(h11.SERVER)
+    slow.receive_data(head)
+    request = slow.next_event()
+    assert [(bytes(r), bytes(n), bytes(v)) for r, n, v in request.headers._full_items] == items
+
+
+@settings(max_examples=500, deadline=None)
+@given(lines=st.lists(st.binary(max_size=12), max_size=5))
+def test_plain_fields_never_disagrees_with_h11(lines: list[bytes]) -> None:
+    """Whatever bytes the field lines hold: accepted means h11 reads the same fields."""
+    from edgeproxy.http.h1fast import plain_fields
+
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    got = plain_fields(head)
+    if got is None:
+        return
+    slow = h11.Connection(h11.SERVER)
+    slow.receive_data(head)
+    try:
+        request = slow.next_event()
+    except h11.RemoteProtocolError:
+        # h11 refuses some heads for what the fields mean (a second Host, a bad
+        # Content-Length): the codec's checks after tokenising refuse those too.
+        return
+    assert [(bytes(r), bytes(n), bytes(v)) for r, n, v in request.headers._full_items] == got[0]

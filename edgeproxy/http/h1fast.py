@@ -1,5 +1,5 @@
 """Server side of an HTTP/1.1 connection, interchangeable with ``h11.Connection(h11.SERVER)``, with
-request heads tokenised by httptools (llhttp) and responses serialised by hand.
+request heads tokenised in C (plain ones) or by httptools (llhttp), responses serialised by hand.
 
 Why: h11 is the project's HTTP/1.1 state machine, but its pure-Python parsing and event plumbing
 cap one core at a few thousand requests per second. `FastServerConnection` offers the part of the
@@ -17,7 +17,12 @@ How it stays in agreement with h11 0.16:
 * Only a complete head is ever fed to llhttp, one fresh parser per head. That is what keeps a
   pipelined request or the bytes after an Upgrade unparsed: httptools gives no way to pause
   llhttp at the end of a message.
-* A head takes the fast path only if llhttp (strict mode) accepts it *and* it passes explicit
+* Most heads are plain: every field line is ``name: value`` with a token name, a value of
+  visible ASCII or obs-text and a CRLF ending. Their fields are tokenised in one C call
+  (`_fields.c`, `plain_fields`: h11's field grammar narrowed, so it reads them exactly as h11
+  does); the checks below still apply. Other heads go to llhttp (and all of them when the C
+  extension is not built).
+* A head takes the llhttp path only if llhttp (strict mode) accepts it *and* it passes explicit
   checks for every point where llhttp is more lenient than h11: a leading empty line (llhttp
   skips it, h11 rejects it: the boundary search above does too), the request line (llhttp takes
   repeated spaces and knows nothing of h11's grammar, which is applied here), whitespace after a
@@ -26,7 +31,7 @@ How it stays in agreement with h11 0.16:
   Host (exactly one for HTTP/1.1, at most one otherwise) and one field per line. What llhttp
   must refuse for this to hold (bare CR or LF, folded lines, whitespace before the colon, bytes
   outside h11's grammar in names and values) is probed once at import: if the installed llhttp
-  is more lenient, the fast path is switched off rather than trusted. Every head the fast path
+  is more lenient, the llhttp path is switched off rather than trusted. Every head the fast path
   does not take, malformed or merely unusual (methods llhttp does not know,
   ``Content-Length: 5, 5``, obs-fold, bare LF, control bytes h11 tolerates, ...), is parsed by
   h11 itself, so the verdict, the Request and the error are h11's by construction; those heads
@@ -63,6 +68,12 @@ import h11
 import httptools
 from h11._headers import Headers  # private: see "Known differences" above
 from h11._util import Sentinel
+
+_c_plain_fields: Callable[[bytes], tuple[list[tuple[bytes, bytes, bytes]], list[int]] | None] | None
+try:
+    from ._fields import plain_fields as _c_plain_fields
+except ImportError:  # built without C extensions (EDGEPROXY_PURE_PYTHON=1)
+    _c_plain_fields = None
 
 __all__ = ["FastServerConnection"]
 
@@ -255,6 +266,13 @@ class _HeaderSink:
             self.special.append(len(self.items))
         # llhttp drops the whitespace before a value but keeps the whitespace after it.
         self.items.append((raw, name, value.strip(b" \t")))
+
+
+def plain_fields(head: bytes) -> tuple[list[tuple[bytes, bytes, bytes]], list[int]] | None:
+    """The fields of a whole head (first line checked by the caller) when every field line is
+    plain, tokenised in C (`_fields.c`): (items as h11 keeps them, indexes of the framing
+    fields). None when a line is not plain or the extension is not built: llhttp or h11 decide."""
+    return None if _c_plain_fields is None else _c_plain_fields(head)
 
 
 def _llhttp_accepts(head: bytes) -> list[tuple[bytes, bytes]] | None:
@@ -675,27 +693,32 @@ class FastServerConnection(_H11Cycle):
         return req
 
     def _fast_head(self, head: bytes) -> tuple[h11.Request, _Effects] | None:
-        """Parses a complete head with llhttp; None when h11 has to decide instead."""
-        if not _LLHTTP_STRICT:
-            return None
+        """Parses a complete head (plain fields in C, others with llhttp); None when h11 has to
+        decide instead."""
         line_end = head.find(b"\r\n")
         rl = _REQUEST_LINE.fullmatch(head, 0, line_end)
         if rl is None:
             return None
-        sink = self._sink
-        items: list[tuple[bytes, bytes, bytes]] = []
-        special: list[int] = []
-        sink.items = items
-        sink.special = special
-        try:
-            httptools.HttpRequestParser(sink).feed_data(head)
-        except httptools.HttpParserUpgrade:
-            pass  # Upgrade or CONNECT: llhttp stops after the head, which is all it was given
-        except httptools.HttpParserError:
-            return None
-        # One field per line: nothing was folded or split differently from h11's reading.
-        if len(items) != head.count(b"\n") - 2:
-            return None
+        plain = plain_fields(head)
+        if plain is not None:
+            items, special = plain
+        else:
+            if not _LLHTTP_STRICT:
+                return None
+            sink = self._sink
+            items = []
+            special = []
+            sink.items = items
+            sink.special = special
+            try:
+                httptools.HttpRequestParser(sink).feed_data(head)
+            except httptools.HttpParserUpgrade:
+                pass  # Upgrade or CONNECT: llhttp stops after the head, which is all it was given
+            except httptools.HttpParserError:
+                return None
+            # One field per line: nothing was folded or split differently from h11's reading.
+            if len(items) != head.count(b"\n") - 2:
+                return None
         method, target, version = rl.groups()
         hosts = 0
         content_length: bytes | None = None

@@ -1,5 +1,5 @@
 """Client side of an HTTP/1.1 connection, interchangeable with ``h11.Connection(h11.CLIENT)``, with
-response heads tokenised by httptools (llhttp) and requests serialised by hand.
+response heads tokenised in C (plain ones) or by httptools (llhttp), requests serialised by hand.
 
 Why: the origin client (``edgeproxy.origin.client``) forwards every cache miss over a pooled
 keep-alive connection, and h11's pure-Python parsing, validation and event plumbing cost more per
@@ -16,14 +16,16 @@ How it stays in agreement with h11 0.16 (the design is h1fast's; its grammar hel
   ``\\n\\r?\\n``; nothing is parsed until ``next_event()``; a finished response leaves what follows
   it buffered (``PAUSED``) until ``start_next_cycle()``; the bytes after a 101 stay in
   ``trailing_data``; the 431 ("Receive buffer too long") is raised on exactly h11's condition.
-* Only a complete head is ever given to llhttp, one fresh parser per head, so llhttp never sees a
-  body or the next response. A head takes the fast path only if the status line matches h11's
-  grammar (checked here: llhttp knows nothing of it), llhttp (strict mode) accepts the head, and
+* Only a complete head is parsed, so nothing reads into a body or the next response. Plain
+  heads have their fields tokenised in C (h1fast's `plain_fields`); others are given to llhttp,
+  one fresh parser per head. A head takes the fast path only if the status line matches h11's
+  grammar (checked here: llhttp knows nothing of it), the fields are plain or llhttp (strict
+  mode) accepts them, and
   the checks h1fast makes where llhttp is more lenient than h11 pass: one field per line, value
   whitespace stripped, Content-Length digits and length, Transfer-Encoding exactly ``chunked``.
   What llhttp must refuse for this to hold is probed at import with the *response* parser (the
   same probe h1fast runs on the request parser); if the installed llhttp is more lenient, every
-  head goes to h11. Every head the fast path does not take (status codes below 100, HTTP versions
+  head that is not plain goes to h11. Every head the fast path does not take (status codes below 100, HTTP versions
   llhttp does not know, obs-fold, bare LF, control bytes h11 tolerates, repeated Content-Length,
   Content-Length with Transfer-Encoding, ...) is parsed by h11's own response-head reader, so its
   verdict, event and error message are h11's by construction.
@@ -90,6 +92,7 @@ from .h1fast import (  # the shared h11 cycle, short names for h11's states and 
     _Response,
     _State,
     _write_fields,
+    plain_fields,
     prevalidated_response,
     probe_llhttp,
 )
@@ -344,9 +347,8 @@ class FastClientConnection(_H11Cycle):
     def _fast_head(
         self, head: bytes
     ) -> tuple[h11.Response | h11.InformationalResponse, bool, bytes | None, bool] | None:
-        """Parses a complete head with llhttp; None when h11 has to decide instead."""
-        if not _LLHTTP_STRICT:
-            return None
+        """Parses a complete head (plain fields in C, others with llhttp); None when h11 has to
+        decide instead."""
         line_end = head.find(b"\r\n")
         sl = _STATUS_LINE.fullmatch(head, 0, line_end)
         if sl is None:
@@ -355,20 +357,26 @@ class FastClientConnection(_H11Cycle):
         status = int(code)
         if status < 100:
             return None  # h11 refuses it when building the event; let it word the error
-        sink = self._sink
-        items: list[tuple[bytes, bytes, bytes]] = []
-        sink.items = items
-        special: list[int] = []
-        sink.special = special
-        try:
-            httptools.HttpResponseParser(sink).feed_data(head)
-        except httptools.HttpParserUpgrade:
-            pass  # a 101: llhttp stops after the head, which is all it was given
-        except httptools.HttpParserError:
-            return None
-        # One field per line: nothing was folded or split differently from h11's reading.
-        if len(items) != head.count(b"\n") - 2:
-            return None
+        plain = plain_fields(head)
+        if plain is not None:
+            items, special = plain
+        else:
+            if not _LLHTTP_STRICT:
+                return None
+            sink = self._sink
+            items = []
+            special = []
+            sink.items = items
+            sink.special = special
+            try:
+                httptools.HttpResponseParser(sink).feed_data(head)
+            except httptools.HttpParserUpgrade:
+                pass  # a 101: llhttp stops after the head, which is all it was given
+            except httptools.HttpParserError:
+                return None
+            # One field per line: nothing was folded or split differently from h11's reading.
+            if len(items) != head.count(b"\n") - 2:
+                return None
         content_length: bytes | None = None
         chunked = False
         close = version < b"1.1"

@@ -590,7 +590,8 @@ class H1Protocol(asyncio.Protocol):
         fast = self._fast
         whole = None
         if fast is not None and not self.must_close and not self.server.draining:
-            items = [(k, k.lower(), v) for k, v in head.headers]
+            # Lowercase names already (parsed, or the edge's own), as _response would make them.
+            items = [(k, k, v) for k, v in head.headers]
             whole = fast.send_whole(head.status, head.reason or reason(head.status), items, body)
         if whole is None:
             whole = self.response_bytes(head)

@@ -504,18 +504,13 @@ class OriginConnection:
     def reusable(self) -> bool:
         """Idle, in a clean state, and nothing unexpected arrived from the origin."""
         t = self._proto.transport
+        if self._busy or self.closed or self.detached or t is None or t.is_closing() or self._proto.readable:
+            return False
+        fast = self._fast  # the same checks, as native calls
+        if fast is not None:
+            return fast.our_state is h11.IDLE and fast.their_state is h11.IDLE and not fast.trailing_data[0]
         codec = self._codec
-        return (
-            not self._busy
-            and not self.closed
-            and not self.detached
-            and t is not None
-            and not t.is_closing()
-            and not self._proto.readable
-            and codec.our_state is h11.IDLE
-            and codec.their_state is h11.IDLE
-            and not codec.trailing_data[0]
-        )
+        return codec.our_state is h11.IDLE and codec.their_state is h11.IDLE and not codec.trailing_data[0]
 
     @property
     def buffered_bytes(self) -> int:

@@ -1,0 +1,3 @@
+"""Type stub of the C extension `_fields.c` (see there)."""
+
+def plain_fields(head: bytes, /) -> tuple[list[tuple[bytes, bytes, bytes]], list[int]] | None: ...
