@@ -275,6 +275,34 @@ def plain_fields(head: bytes) -> tuple[list[tuple[bytes, bytes, bytes]], list[in
     return None if _c_plain_fields is None else _c_plain_fields(head)
 
 
+def tokenise_fields(
+    head: bytes, sink: _HeaderSink, parser: Callable[[_HeaderSink], Any], llhttp_strict: bool
+) -> tuple[list[tuple[bytes, bytes, bytes]], list[int]] | None:
+    """The fields of a whole head whose first line the caller has checked, and the indexes of
+    the framing ones: plain field lines tokenised in C, others by llhttp (`parser`, httptools'
+    request or response parser class, trusted only when its probe passed: `llhttp_strict`).
+    None when neither vouches for every line: h11 decides then."""
+    plain = plain_fields(head)
+    if plain is not None:
+        return plain
+    if not llhttp_strict:
+        return None
+    items: list[tuple[bytes, bytes, bytes]] = []
+    special: list[int] = []
+    sink.items = items
+    sink.special = special
+    try:
+        parser(sink).feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # Upgrade, CONNECT or a 101: llhttp stops after the head, which is all it was given
+    except httptools.HttpParserError:
+        return None
+    # One field per line: nothing was folded or split differently from h11's reading.
+    if len(items) != head.count(b"\n") - 2:
+        return None
+    return items, special
+
+
 def _llhttp_accepts(head: bytes) -> list[tuple[bytes, bytes]] | None:
     sink = _HeaderSink()
     try:
@@ -699,26 +727,10 @@ class FastServerConnection(_H11Cycle):
         rl = _REQUEST_LINE.fullmatch(head, 0, line_end)
         if rl is None:
             return None
-        plain = plain_fields(head)
-        if plain is not None:
-            items, special = plain
-        else:
-            if not _LLHTTP_STRICT:
-                return None
-            sink = self._sink
-            items = []
-            special = []
-            sink.items = items
-            sink.special = special
-            try:
-                httptools.HttpRequestParser(sink).feed_data(head)
-            except httptools.HttpParserUpgrade:
-                pass  # Upgrade or CONNECT: llhttp stops after the head, which is all it was given
-            except httptools.HttpParserError:
-                return None
-            # One field per line: nothing was folded or split differently from h11's reading.
-            if len(items) != head.count(b"\n") - 2:
-                return None
+        fields = tokenise_fields(head, self._sink, httptools.HttpRequestParser, _LLHTTP_STRICT)
+        if fields is None:
+            return None
+        items, special = fields
         method, target, version = rl.groups()
         hosts = 0
         content_length: bytes | None = None

@@ -92,9 +92,9 @@ from .h1fast import (  # the shared h11 cycle, short names for h11's states and 
     _Response,
     _State,
     _write_fields,
-    plain_fields,
     prevalidated_response,
     probe_llhttp,
+    tokenise_fields,
 )
 
 __all__ = ["FastClientConnection"]
@@ -357,26 +357,10 @@ class FastClientConnection(_H11Cycle):
         status = int(code)
         if status < 100:
             return None  # h11 refuses it when building the event; let it word the error
-        plain = plain_fields(head)
-        if plain is not None:
-            items, special = plain
-        else:
-            if not _LLHTTP_STRICT:
-                return None
-            sink = self._sink
-            items = []
-            special = []
-            sink.items = items
-            sink.special = special
-            try:
-                httptools.HttpResponseParser(sink).feed_data(head)
-            except httptools.HttpParserUpgrade:
-                pass  # a 101: llhttp stops after the head, which is all it was given
-            except httptools.HttpParserError:
-                return None
-            # One field per line: nothing was folded or split differently from h11's reading.
-            if len(items) != head.count(b"\n") - 2:
-                return None
+        fields = tokenise_fields(head, self._sink, httptools.HttpResponseParser, _LLHTTP_STRICT)
+        if fields is None:
+            return None
+        items, special = fields
         content_length: bytes | None = None
         chunked = False
         close = version < b"1.1"
