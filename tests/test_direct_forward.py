@@ -194,3 +194,14 @@ async def test_hit_for_pass_keys_take_the_direct_path_with_the_cache_on(tmp_path
         assert 'edgeproxy_cache_requests_total{result="miss"} 1' in metrics
         assert 'edgeproxy_cache_requests_total{result="pass"} 2' in metrics
         assert srv.connections == 1
+
+
+async def test_pipelined_passes_are_answered_in_order(tmp_path: Path) -> None:
+    async with origin() as srv, pop_before(srv, tmp_path) as pop:
+        c = await RawClient.connect(pop.addresses["http"][0])
+        assert (await c.request("GET", "/a")).status == 200
+        await c.send(b"".join(b"GET /p%d HTTP/1.1\r\nHost: example.test\r\n\r\n" % i for i in range(4)))
+        bodies = [(await c.response()).body for _ in range(4)]
+        assert bodies == [b"hello /p%d" % i for i in range(4)]
+        assert srv.connections == 1
+        c.close()
