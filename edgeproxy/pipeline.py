@@ -305,13 +305,7 @@ class Pipeline:
                 rhead.headers, pop_id=self.pop_id, request_id=head.request_id, http_version=head.http_version, alt_svc=self.alt_svc, cache_status=b"HIT"
             )
             extra = []
-        proto = protocol_of(head)
-        self.m_requests.inc(proto, str(rhead.status))
-        duration = time.monotonic() - started
-        self.m_duration.observe(duration, proto)
-        self.m_body_bytes.inc(proto, amount=len(body))
-        if self.access_log is not None and self.access_log.enabled:
-            self._log(proto, head, head.client_addr, head.request_id, rhead.status, len(body), duration, b"HIT", "", "")
+        self._account(head, started, rhead.status, len(body), b"HIT", "", "")
         return FreshResponse(rhead, extra, body)
 
     def forward_now(self, head: RequestHead, client: DirectClient) -> _DirectForward | None:
@@ -338,9 +332,8 @@ class Pipeline:
         if ready is None:
             return None
         srv, conn = ready
-        out = RequestHead(head.method, head.target, origin_request_headers(head, self.pop_id), head.scheme, head.authority, head.http_version, head.client_addr, head.request_id)
         try:
-            conn.send_bodiless(out)
+            conn.send_bodiless(self._origin_head(head))
         except (HTTPError, OriginError):
             srv.pool.release(conn)  # closed: the general path starts over and words any error
             return None
@@ -378,15 +371,21 @@ class Pipeline:
             ex.detail = f"client gone: {gone}"
             sink.abort()
         finally:
-            proto = protocol_of(head)
-            status = ex.status or 499  # 499: the client went away before a response (nginx's code)
-            self.m_requests.inc(proto, str(status))
-            duration = time.monotonic() - started
-            self.m_duration.observe(duration, proto)
-            self.m_body_bytes.inc(proto, amount=ex.bytes_out)
-            self._log(proto, head, head.client_addr, head.request_id, status, ex.bytes_out, duration, ex.cache_status, ex.origin, ex.detail)
+            # 499: the client went away before a response (nginx's code)
+            self._account(head, started, ex.status or 499, ex.bytes_out, ex.cache_status, ex.origin, ex.detail)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _account(
+        self, head: RequestHead, started: float, status: int, bytes_out: int, cache_status: bytes, origin: str, detail: str
+    ) -> None:
+        """Counts and logs a finished request (`started`: its monotonic start)."""
+        proto = protocol_of(head)
+        self.m_requests.inc(proto, str(status))
+        duration = time.monotonic() - started
+        self.m_duration.observe(duration, proto)
+        self.m_body_bytes.inc(proto, amount=bytes_out)
+        self._log(proto, head, head.client_addr, head.request_id, status, bytes_out, duration, cache_status, origin, detail)
 
     def _log(
         self,
@@ -470,12 +469,17 @@ class Pipeline:
         if length == 0 and head.method in (b"POST", b"PUT", b"PATCH") and header_get(head.headers, b"content-length") is None:
             head.headers.append((b"content-length", b"0"))
         resp = await group.fetch(
-            RequestHead(head.method, head.target, origin_request_headers(head, self.pop_id, upgrade=upgrade), head.scheme, head.authority, head.http_version, head.client_addr, head.request_id),
+            self._origin_head(head, upgrade=upgrade),
             body,
             length,
             prior=prior,
         )
         await self._relay(head, resp, ex, upgrade, [])
+
+    def _origin_head(self, head: RequestHead, *, upgrade: bool = False) -> RequestHead:
+        """The request as it goes to the origin (see semantics.origin_request_headers)."""
+        headers = origin_request_headers(head, self.pop_id, upgrade=upgrade)
+        return RequestHead(head.method, head.target, headers, head.scheme, head.authority, head.http_version, head.client_addr, head.request_id)
 
     async def _relay(self, head: RequestHead, resp: OriginResponse, ex: _Exchange, upgrade: bool, first: list[bytes]) -> None:
         """The origin's response to the client; `first`: body chunks already taken from it."""
@@ -761,37 +765,33 @@ class _DirectForward:
 
     def _on_origin(self) -> None:
         conn = self.conn
+        chunks: list[bytes] = []
         whole = conn.whole_response_nowait()
-        if whole is not None:
-            whead, body = whole
-            self.done = True
-            conn.watch(None)
-            self.group.attempt_succeeded(self.srv, whead.status, conn.now() - self.sent_at)
-            if len(body) <= DIRECT_BODY_LIMIT:
-                self.srv.pool.release(conn)
-                self._respond(whead, [body] if body else [])
+        if whole is not None:  # the usual case: head and body in one read
+            rhead, body = whole
+            if body:
+                chunks.append(body)
+            complete = True
+        else:
+            try:
+                head = conn.head_nowait()
+            except OriginError as e:
+                self._failed(e)
                 return
-            self._relay_rest(whead, [body], True)
-            return
-        try:
-            rhead = conn.head_nowait()
-        except OriginError as e:
-            self._failed(e)
-            return
-        if rhead is None:
-            if conn.timed_out:
-                self._failed(OriginTimeout(first_byte_timeout_message(self.srv.name, self.group.section.first_byte_timeout)))
-            elif conn.closed:
-                self._failed(OriginProtocolError(f"{self.srv.name} closed the connection mid-head"))
-            return
+            if head is None:
+                if conn.timed_out:
+                    self._failed(OriginTimeout(first_byte_timeout_message(self.srv.name, self.group.section.first_byte_timeout)))
+                elif conn.closed:
+                    self._failed(OriginProtocolError(f"{self.srv.name} closed the connection mid-head"))
+                return
+            rhead = head
+            try:
+                complete = conn.body_nowait(chunks)
+            except BodyError:
+                complete = False  # the relay reads the same error and breaks the response off
         self.done = True
         conn.watch(None)
         self.group.attempt_succeeded(self.srv, rhead.status, conn.now() - self.sent_at)
-        chunks: list[bytes] = []
-        try:
-            complete = conn.body_nowait(chunks)
-        except BodyError:
-            complete = False  # the relay reads the same error and breaks the response off
         if complete and sum(len(c) for c in chunks) <= DIRECT_BODY_LIMIT:
             self.srv.pool.release(conn)
             self._respond(rhead, chunks)
@@ -836,12 +836,7 @@ class _DirectForward:
         )
         body = b"" if head.method == b"HEAD" or not chunks else chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.client.direct_respond(ResponseHead(status, headers, rhead.reason), body)
-        proto = protocol_of(head)
-        p.m_requests.inc(proto, str(status))
-        duration = time.monotonic() - self.started
-        p.m_duration.observe(duration, proto)
-        p.m_body_bytes.inc(proto, amount=len(body))
-        p._log(proto, head, head.client_addr, head.request_id, status, len(body), duration, b"", self.srv.name, "")
+        p._account(head, self.started, status, len(body), b"", self.srv.name, "")
 
     def cancel(self) -> None:
         """The client went away before the response: drop the origin connection (a response
@@ -851,14 +846,7 @@ class _DirectForward:
         self.done = True
         self.conn.close()
         self.srv.pool.release(self.conn)
-        p = self.p
-        head = self.head
-        proto = protocol_of(head)
-        p.m_requests.inc(proto, "499")
-        duration = time.monotonic() - self.started
-        p.m_duration.observe(duration, proto)
-        p.m_body_bytes.inc(proto, amount=0)
-        p._log(proto, head, head.client_addr, head.request_id, 499, 0, duration, b"", self.srv.name, "client gone")
+        self.p._account(self.head, self.started, 499, 0, b"", self.srv.name, "client gone")
 
 
 class _Exchange:

@@ -25,10 +25,10 @@ How it stays in agreement with h11 0.16 (the design is h1fast's; its grammar hel
   whitespace stripped, Content-Length digits and length, Transfer-Encoding exactly ``chunked``.
   What llhttp must refuse for this to hold is probed at import with the *response* parser (the
   same probe h1fast runs on the request parser); if the installed llhttp is more lenient, every
-  head that is not plain goes to h11. Every head the fast path does not take (status codes below 100, HTTP versions
-  llhttp does not know, obs-fold, bare LF, control bytes h11 tolerates, repeated Content-Length,
-  Content-Length with Transfer-Encoding, ...) is parsed by h11's own response-head reader, so its
-  verdict, event and error message are h11's by construction.
+  head that is not plain goes to h11. Every head the fast path does not take (status codes below
+  100, HTTP versions llhttp does not know, obs-fold, bare LF, control bytes h11 tolerates,
+  repeated Content-Length, Content-Length with Transfer-Encoding, ...) is parsed by h11's own
+  response-head reader, so its verdict, event and error message are h11's by construction.
 * Bodies are read here, following h11's readers: Content-Length; chunked (``;`` extensions, up to
   20 hex digits of size, trailers validated like h11's); and, for a response with neither,
   everything up to EOF (HTTP/1.0 style). Framing is decided as h11 decides it: no body for HEAD,

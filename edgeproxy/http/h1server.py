@@ -258,7 +258,7 @@ class H1Protocol(asyncio.Protocol):
         self.handler = server.handler
         self.limits = server.limits
         self.codec: Codec = server.new_codec(server.limits.max_header_bytes)
-        # The same object, natively typed, when it is ours (see direct_respond).
+        # The same object, natively typed, when it is ours (see _whole_response).
         self._fast: FastServerConnection | None = (
             self.codec if isinstance(self.codec, FastServerConnection) else None
         )
@@ -564,21 +564,32 @@ class H1Protocol(asyncio.Protocol):
                     return
                 fast = self.handler.respond_fresh(head)
                 if fast is not None:
-                    out = self.response_bytes(fast.head, fast.extra)
-                    if fast.body:
-                        out += self.codec.send(data_event(fast.body)) or b""
-                    self._queue(out + (self.codec.send(_EOM) or b""))
+                    self._queue(self._whole_response(fast.head, fast.body, fast.extra))
                     if not self._next_cycle():
                         return
                     continue
-                self.busy = True
-                direct = self.handler.forward_now(head, self)
-                if direct is not None:
-                    self.direct = direct
-                    return
             self.busy = True
+            if length == 0:
+                self.direct = self.handler.forward_now(head, self)
+                if self.direct is not None:
+                    return
             self.task = self.loop.create_task(self._handle(head, length))
             return
+
+    def _whole_response(self, head: ResponseHead, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+        """A whole response (head, body, end) as the codec writes it; one codec call when the
+        codec is ours and the head is per request (`extra` goes with shared, memoized heads)."""
+        fast = self._fast
+        if fast is not None and extra is None and not self.must_close and not self.server.draining:
+            # Lowercase names already (parsed, or the edge's own), as _response would make them.
+            items = [(k, k, v) for k, v in head.headers]
+            out = fast.send_whole(head.status, head.reason or reason(head.status), items, body)
+            if out is not None:
+                return out
+        out = self.response_bytes(head, extra)
+        if body:
+            out += self.codec.send(data_event(body)) or b""
+        return out + (self.codec.send(_EOM) or b"")
 
     # -- DirectClient: a response the handler answers from callbacks ---------------------------
 
@@ -587,18 +598,7 @@ class H1Protocol(asyncio.Protocol):
         self.busy = False
         if self.closed:
             return
-        fast = self._fast
-        whole = None
-        if fast is not None and not self.must_close and not self.server.draining:
-            # Lowercase names already (parsed, or the edge's own), as _response would make them.
-            items = [(k, k, v) for k, v in head.headers]
-            whole = fast.send_whole(head.status, head.reason or reason(head.status), items, body)
-        if whole is None:
-            whole = self.response_bytes(head)
-            if body:
-                whole += self.codec.send(data_event(body)) or b""
-            whole += self.codec.send(_EOM) or b""
-        self._queue(whole)
+        self._queue(self._whole_response(head, body))
         self.resume_reading()
         if self._next_cycle():
             self._process()

@@ -34,9 +34,14 @@ def strip_hop_by_hop(headers: Headers, *, keep: frozenset[bytes] = frozenset()) 
     """Headers without hop-by-hop fields and without those the Connection header names.
 
     `keep` retains named fields (e.g. upgrade/connection when forwarding an Upgrade request)."""
-    named = {n.lower() for n in header_list(headers, b"connection")}
-    drop = (HOP_BY_HOP | named) - keep
+    drop = _with_connection_named(headers, HOP_BY_HOP) - keep
     return [(k, v) for k, v in headers if k not in drop]
+
+
+def _with_connection_named(headers: Headers, drop: frozenset[bytes]) -> frozenset[bytes]:
+    """`drop` plus the fields the Connection header names (hop-by-hop by that naming)."""
+    named = header_list(headers, b"connection")
+    return drop if not named else drop | {n.lower() for n in named}
 
 
 def _forwarded_node(host: str, port: int = 0) -> str:
@@ -60,8 +65,7 @@ def origin_request_headers(head: RequestHead, pop_id: str, *, upgrade: bool = Fa
     X-Forwarded-For/-Proto/-Host, Forwarded (RFC 7239) and X-Request-Id are appended to what the
     client sent, so chains of proxies stay visible."""
     headers = head.headers
-    named = header_list(headers, b"connection")
-    drop = _ORIGIN_DROP if not named else _ORIGIN_DROP | {n.lower() for n in named}
+    drop = _with_connection_named(headers, _ORIGIN_DROP)
     if upgrade:
         drop = drop - {b"upgrade"}
     out: Headers = []
@@ -121,8 +125,7 @@ def edge_static_headers(
 ) -> Headers:
     """The part of `client_response_headers` that does not change per request (everything but
     X-Request-Id), so a cache hit can reuse it."""
-    named = header_list(headers, b"connection")
-    drop = _CLIENT_DROP if not named else _CLIENT_DROP | {n.lower() for n in named}
+    drop = _with_connection_named(headers, _CLIENT_DROP)
     out = [(k, v) for k, v in headers if k not in drop]
     proto = "3" if http_version == "3" else "1.1"
     out.append((b"via", f"{proto} {pop_id}".encode()))

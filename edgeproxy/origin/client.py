@@ -396,7 +396,6 @@ class OriginConnection:
         self._timer_at = 0.0  # the deadline `_timer` was set for (TimerHandle.when() rounds)
         self._deadline: float | None = None
         self._timed_out = False
-        self._watched = False  # a `watch` callback is set (callback mode, see send_bodiless)
         self.socket_waits = 0  # times a read or write had to wait for the socket
 
     @classmethod
@@ -486,8 +485,8 @@ class OriginConnection:
             self._deadline = None
             self._timed_out = True
             self._proto.wake_waiters()
-            watcher = self._proto.on_event
-            if self._watched and watcher is not None:
+            watcher = self._proto.on_event  # set only in callback mode while a request is out
+            if watcher is not None:
                 watcher()
         else:
             # Armed for an earlier request's deadline; the current one is later.
@@ -529,7 +528,6 @@ class OriginConnection:
     def close(self) -> None:
         self._closed = True
         self._proto.on_event = None
-        self._watched = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -565,10 +563,7 @@ class OriginConnection:
         `read_timeout` also bounds how long the origin may stop reading the request body
         (-> OriginTimeout). On any exception the connection is closed and `on_done` called.
         """
-        if self._busy or self.closed or self.detached:
-            raise RuntimeError(f"{self!r} is not free for a request")
-        self._busy = True
-        self._reused = self.requests_completed > 0
+        self._claim()
         done = on_done or _noop
         try:
             await self._send(head, body, body_length, read_timeout)
@@ -588,22 +583,9 @@ class OriginConnection:
         `body_nowait`, then the pool's release, or an `OriginResponse` for the rest. Raises
         what `request` raises, with the connection closed (give it back to its pool after).
         """
-        if self._busy or self.closed or self.detached:
-            raise RuntimeError(f"{self!r} is not free for a request")
-        self._busy = True
-        self._reused = self.requests_completed > 0
+        self._claim()
         try:
-            host = head.authority or self._host
-            self._rx_mark = self._proto.bytes_received
-            self._in_head_phase = True
-            self._early_head = None
-            fast = self._fast
-            sent = None if fast is None else fast.send_bodiless(head.method, head.target, _request_items(head, host, 0))
-            try:
-                data = sent if sent is not None else self._encode(_request_event(head, host, 0)) + self._encode(_EOM)
-            except h11.LocalProtocolError as e:
-                raise HTTPError(400, f"request cannot be forwarded: {e}") from None
-            if not self._proto.write_soon(data):
+            if not self._proto.write_soon(self._request_bytes(head, 0)):
                 raise self._reset_error()
         except BaseException:
             self._busy = False
@@ -614,7 +596,6 @@ class OriginConnection:
         """Callback mode: `callback` runs on data, EOF, loss, and once `deadline` (loop time)
         passes, when `timed_out` turns True. None stops watching (and the deadline)."""
         self._proto.on_event = callback
-        self._watched = callback is not None
         if callback is None:
             self._deadline = None
             self._timed_out = False
@@ -649,12 +630,15 @@ class OriginConnection:
             elif etype is not h11.Response:
                 raise OriginProtocolError(f"unexpected {etype.__name__} from {self.server}")
             self._in_head_phase = False
-            items = ev.headers._full_items
-            if self._copy_fields:
-                headers = [(bytes(name), bytes(value)) for _, name, value in items]
-            else:
-                headers = [(name, value) for _, name, value in items]
-            return ResponseHead(ev.status_code, headers, bytes(ev.reason))
+            return self._response_head(ev)
+
+    def _response_head(self, ev: Any) -> ResponseHead:
+        items = ev.headers._full_items
+        if self._copy_fields:
+            headers = [(bytes(name), bytes(value)) for _, name, value in items]
+        else:
+            headers = [(name, value) for _, name, value in items]
+        return ResponseHead(ev.status_code, headers, bytes(ev.reason))
 
     def whole_response_nowait(self) -> tuple[ResponseHead, bytes] | None:
         """When what has arrived is exactly one whole response (the codec's `receive_whole`),
@@ -671,13 +655,14 @@ class OriginConnection:
         event, body = got
         self._in_head_phase = False
         self._finish_cycle()
-        headers = [(name, value) for _, name, value in event.headers._full_items]
-        return ResponseHead(event.status_code, headers, event.reason), body
+        return self._response_head(event), body
 
-    def body_nowait(self, chunks: list[bytes]) -> bool:
-        """Appends the body bytes already received to `chunks`; True if they reach the end of
-        the message (the connection is then free for its pool to take back). Raises
-        BodyError for a broken body."""
+    def body_nowait(self, chunks: list[bytes] | None = None, limit: int = -1) -> bool:
+        """Takes the body bytes already received, appending them to `chunks` (None: dropping
+        them); True if they reach the end of the message (the connection is then free for its
+        pool to take back), False if not, or once more than `limit` (if >= 0) bytes were taken.
+        Raises BodyError for a broken body."""
+        taken = 0
         while True:
             ev = self._pump_nowait()
             if ev is _NEED_DATA:
@@ -685,8 +670,11 @@ class OriginConnection:
             etype = type(ev)
             if etype is h11.Data:
                 data = event_data(ev)
-                if data:
+                taken += len(data)
+                if data and chunks is not None:
                     chunks.append(bytes(data))
+                if 0 <= limit < taken:
+                    return False
                 continue
             if etype is h11.EndOfMessage:
                 self._finish_cycle()
@@ -699,20 +687,37 @@ class OriginConnection:
             f"{self.server} closed the connection before responding{why}", reused=self._reused
         )
 
-    async def _send(
-        self, head: RequestHead, body: Body, body_length: int | None, stall_timeout: float
-    ) -> None:
-        request = _request_event(head, head.authority or self._host, body_length)
+    def _claim(self) -> None:
+        """Marks the connection busy with a request: the first step of sending one."""
+        if self._busy or self.closed or self.detached:
+            raise RuntimeError(f"{self!r} is not free for a request")
+        self._busy = True
+        self._reused = self.requests_completed > 0
+
+    def _request_bytes(self, head: RequestHead, body_length: int | None) -> bytes:
+        """The request head's bytes, and its end too when there is no body (the whole request
+        in one write: one send() system call, one TCP segment); the receive side now expects
+        the response head."""
+        host = head.authority or self._host
         self._rx_mark = self._proto.bytes_received
         self._in_head_phase = True
         self._early_head = None
         try:
-            data = self._encode(request)
+            if body_length != 0:
+                return self._encode(_request_event(head, host, body_length))
+            fast = self._fast
+            sent = None if fast is None else fast.send_bodiless(head.method, head.target, _request_items(head, host, 0))
+            if sent is not None:
+                return sent
+            return self._encode(_request_event(head, host, 0)) + self._encode(_EOM)
         except h11.LocalProtocolError as e:
             raise HTTPError(400, f"request cannot be forwarded: {e}") from None
+
+    async def _send(
+        self, head: RequestHead, body: Body, body_length: int | None, stall_timeout: float
+    ) -> None:
+        data = self._request_bytes(head, body_length)
         if body_length == 0:
-            # The whole request in one write (one send() system call, one TCP segment).
-            data += self._encode(_EOM)
             if not self._proto.write_soon(data):
                 raise self._reset_error()
             return
@@ -828,20 +833,6 @@ class OriginConnection:
                 return None
             raise BodyError(f"unexpected {etype.__name__} in response body from {self.server}")
 
-    def _receive_body_nowait(self, limit: int) -> bool:
-        """Consume what is already buffered; True if that reached the end of the message."""
-        skipped = 0
-        while skipped <= limit:
-            ev = self._pump_nowait()
-            if isinstance(ev, h11.Data):
-                skipped += len(event_data(ev))
-                continue
-            if isinstance(ev, h11.EndOfMessage):
-                self._finish_cycle()
-                return True
-            return False
-        return False
-
     def _finish_cycle(self) -> None:
         self._busy = False
         self.requests_completed += 1
@@ -950,7 +941,7 @@ class OriginResponse:
             return
         if not self._complete and self.head.status != 101:
             try:
-                self._complete = self._conn._receive_body_nowait(RELEASE_DISCARD_LIMIT)
+                self._complete = self._conn.body_nowait(limit=RELEASE_DISCARD_LIMIT)
             except (BodyError, OriginError):
                 self._complete = False
         if not (self._complete and self._conn.reusable):
